@@ -1,0 +1,75 @@
+"""The command line: argument parsing only; the work is done by the package."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pymerge.errors import MergeError
+
+
+def _size(text: str) -> int:
+    from pymerge.config import parse_size
+
+    return parse_size(text)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pymerge", description="Merge models fast, streaming tensor by tensor.")
+    p.add_argument("--verbose", "-v", action="store_true", help="log what happens")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("merge", help="merge the models a (mergekit-style) YAML config names")
+    m.add_argument("config", help="the YAML config")
+    m.add_argument("out", help="the output folder")
+    m.add_argument("--device", help="cpu, cuda or cuda:N (overrides the config)")
+    m.add_argument("--backend", choices=["auto", "torch", "cpu", "cuda", "triton"], help="kernel backend (overrides the config)")
+    m.add_argument("--out-shard-size", type=_size, help="largest output shard, e.g. 5GB (default 5GB)")
+    m.add_argument("--allow-nonfinite", action="store_true", default=None, help="merge inputs holding NaN/Inf")
+    m.add_argument("--overwrite", action="store_true", help="replace a finished checkpoint in OUT")
+    m.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
+    e = sub.add_parser("emr", help="EMR-Merging folders")
+    esub = e.add_subparsers(dest="emr_command", required=True)
+    r = esub.add_parser("reconstruct", help="write one task's checkpoint from an EMR folder")
+    r.add_argument("emr_dir")
+    r.add_argument("--task", type=int, required=True, help="task index (0-based, in the config's model order)")
+    r.add_argument("dest")
+    r.add_argument("--out-shard-size", type=_size, default=5 * 10**9)
+    r.add_argument("--overwrite", action="store_true")
+
+    d = sub.add_parser("demo", help="merge a built-in synthetic model family with several methods")
+    d.add_argument("--backend", default="auto", choices=["auto", "torch", "cpu", "cuda", "triton"])
+    d.add_argument("--workdir", help="keep the models and outputs here instead of a temporary folder")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        if args.command == "merge":
+            from pymerge.engine import merge
+
+            overrides = {k: getattr(args, k) for k in ("device", "backend", "out_shard_size", "allow_nonfinite")}
+            overrides = {k: v for k, v in overrides.items() if v is not None}
+            report = merge(args.config, args.out, overwrite=args.overwrite, quiet=args.quiet, **overrides)
+            print(report)
+        elif args.command == "emr":
+            from pymerge.emr import reconstruct
+
+            out = reconstruct(args.emr_dir, args.task, args.dest, max_shard_bytes=args.out_shard_size, overwrite=args.overwrite)
+            print(f"wrote task {args.task} to {out}")
+        elif args.command == "demo":
+            from pymerge.demo import run_demo
+
+            print(run_demo(args.workdir, backend=args.backend))
+    except (MergeError, IndexError, OSError) as exc:
+        print(f"pymerge: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

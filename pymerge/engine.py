@@ -1,0 +1,430 @@
+"""The streaming merge engine: plan the tensors, then stream them read -> device -> method -> write.
+
+Inputs are opened lazily and validated before any work starts. Tensors then
+flow one name at a time: a background thread reads (and checks) the next ones
+under a byte budget while the current one is merged, and another thread writes
+finished tensors into the output shards. Peak memory is therefore a small
+multiple of the largest tensor times the number of models, whatever the model
+size. Model-scope methods stream every merged tensor through their statistics
+passes first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import queue
+import resource
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+
+from pymerge import __version__, backends
+from pymerge.config import MergeConfig, layer_index, load_config
+from pymerge.errors import InputMismatchError, MergeError, NonFiniteError
+from pymerge.io import CheckpointReader, CheckpointWriter
+from pymerge.methods import get_method
+
+log = logging.getLogger("pymerge.engine")
+
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+@dataclass
+class MergeReport:
+    """What a merge did: sizes, time, memory and the backends that ran."""
+
+    out_dir: Path
+    method: str
+    tensors: int
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    peak_rss_bytes: int
+    device: str
+    backends: dict[str, int] = field(default_factory=dict)
+    resumed_tensors: int = 0
+
+    def __str__(self) -> str:
+        used = ", ".join(f"{b} ({n} ops)" for b, n in sorted(self.backends.items())) or "none"
+        gbs = self.bytes_read / max(self.seconds, 1e-9) / 1e9
+        return (
+            f"merged {self.tensors} tensors with {self.method} in {self.seconds:.2f} s "
+            f"({self.bytes_read / 1e6:.1f} MB read, {gbs:.2f} GB/s; {self.bytes_written / 1e6:.1f} MB written) "
+            f"on {self.device}; backends: {used}; peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB -> {self.out_dir}"
+        )
+
+
+@dataclass
+class _Plan:
+    ref: CheckpointReader  # the model whose names, order and metadata the output follows
+    merged: dict[str, tuple[int, ...]]
+    copied: list[str]
+    task_specific: list[str]
+    order: list[str]
+    num_layers: int
+
+
+def merge(config: MergeConfig | dict | str | Path, out_dir: str | Path, *, overwrite: bool = False,
+          quiet: bool = True, prefetch_bytes: int | None = None, **options: Any) -> MergeReport:
+    """Merge the models a config names into `out_dir`.
+
+    `config` is a MergeConfig, a dict or the path of a (mergekit-style) YAML file.
+    `options` override the config's own keys: device, backend, out_shard_size,
+    allow_nonfinite, seed, out_dtype. `prefetch_bytes` bounds the bytes read ahead.
+    """
+    cfg = config if isinstance(config, MergeConfig) else load_config(config)
+    if options:
+        cfg = cfg.with_overrides(**options)
+    return _Merge(cfg, Path(out_dir), overwrite=overwrite, quiet=quiet, prefetch_bytes=prefetch_bytes).run()
+
+
+class _Merge:
+    def __init__(self, cfg: MergeConfig, out_dir: Path, *, overwrite: bool, quiet: bool, prefetch_bytes: int | None):
+        self.cfg = cfg
+        self.out_dir = out_dir
+        self.overwrite = overwrite
+        self.quiet = quiet
+        self.device = torch.device(cfg.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise MergeError(f"device {cfg.device!r}: CUDA is not available here")
+        self.method_cls = get_method(cfg.merge_method)
+        self.prefetch_bytes = prefetch_bytes
+        self.bytes_read = 0
+        self.backend_counts: Counter[str] = Counter()
+
+    # --- set-up ---------------------------------------------------------------------------
+    def _open(self) -> None:
+        uses_base = self.method_cls.needs_base
+        if uses_base and not self.cfg.base_model:
+            raise MergeError(f"merge_method {self.cfg.merge_method} needs a base_model")
+        self.base = CheckpointReader(self.cfg.base_model) if uses_base else None
+        self.models = [CheckpointReader(m.model) for m in self.cfg.models]
+        self.labels = [m.model for m in self.cfg.models]
+
+    def _close(self) -> None:
+        for r in [self.base, *self.models]:
+            if r is not None:
+                r.close()
+
+    def _make_plan(self) -> _Plan:
+        ref = self.base or self.models[0]
+        readers = ([self.base] if self.base else []) + self.models
+        labels = (["base_model " + self.cfg.base_model] if self.base else []) + self.labels
+        problems: list[str] = []
+        merged: dict[str, tuple[int, ...]] = {}
+        copied: list[str] = []
+        task_specific: list[str] = []
+        for name in ref.names():
+            absent = [lab for r, lab in zip(readers, labels) if name not in r]
+            if absent:
+                problems.append(f"{name}: missing from {', '.join(absent)}")
+                continue
+            if not ref.dtype(name).is_floating_point:
+                copied.append(name)
+                continue
+            not_float = [lab for r, lab in zip(readers, labels) if not r.dtype(name).is_floating_point]
+            if not_float:
+                problems.append(f"{name}: not a float tensor in {', '.join(not_float)}")
+                continue
+            shapes = [tuple(r.shape(name)) for r in readers]
+            if len(set(shapes)) > 1:
+                if self.method_cls.keeps_task_specific:
+                    task_specific.append(name)
+                else:
+                    problems.append(f"{name}: shapes differ: " + ", ".join(f"{s} in {lab}" for s, lab in zip(shapes, labels)))
+                continue
+            merged[name] = shapes[0]
+        if problems:
+            shown = "\n  ".join(problems[:20])
+            more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+            raise InputMismatchError(f"the input models do not match ({len(problems)} problems):\n  {shown}{more}")
+        extra = sorted({n for r in readers for n in r.names()} - set(ref.names()))
+        if extra:
+            log.warning("ignoring %d tensors absent from %s: %s", len(extra), ref.path, ", ".join(extra[:5]))
+        layers = [layer_index(n) for n in ref.names()]
+        num_layers = 1 + max((i for i in layers if i is not None), default=-1)
+        return _Plan(ref, merged, copied, task_specific, ref.names(), num_layers)
+
+    def _out_dtype(self, name: str) -> torch.dtype:
+        return self.cfg.out_dtype or self.plan.ref.dtype(name)
+
+    def _output_plan(self) -> dict[str, list[tuple[str, tuple[int, ...], torch.dtype]]]:
+        """Input name -> the output tensors written for it, in the output's order."""
+        out = {}
+        prefix = self.method_cls.copy_prefix
+        for name in self.plan.order:
+            if name in self.plan.merged:
+                out[name] = self.method.output_plan(name, self.plan.merged[name])
+            elif name in self.plan.task_specific:
+                out[name] = [(f"task{i}:{name}", tuple(r.shape(name)), r.dtype(name)) for i, r in enumerate(self.models)]
+            else:
+                out[name] = [(prefix + name, tuple(self.plan.ref.shape(name)), self.plan.ref.dtype(name))]
+        return out
+
+    def _fingerprint(self) -> str:
+        h = hashlib.sha256()
+        h.update(f"pymerge {__version__}\n".encode())
+        h.update(json.dumps(self.cfg.to_dict(), sort_keys=True, default=str).encode())
+        for r in ([self.base] if self.base else []) + self.models:
+            for f in sorted(r.files()):
+                st = Path(f).stat()
+                h.update(f"{Path(f).resolve()} {st.st_size} {st.st_mtime_ns}\n".encode())
+        return h.hexdigest()
+
+    # --- streaming ------------------------------------------------------------------------
+    def _load_merged(self, name: str):
+        base = self._read(self.base, name, "base_model") if self.base is not None else None
+        tensors = [self._read(r, name, lab) for r, lab in zip(self.models, self.labels)]
+        return base, tensors
+
+    def _read(self, reader: CheckpointReader, name: str, label: str) -> torch.Tensor:
+        t = reader.get(name)
+        if t.is_floating_point() and not self.cfg.allow_nonfinite and t.numel() and not torch.isfinite(t).all():
+            raise NonFiniteError(
+                f"{name} in {label} holds NaN or Inf values; pass --allow-nonfinite (allow_nonfinite=True) to merge anyway"
+            )
+        return t.to(self.device, non_blocking=True) if self.device.type != "cpu" else t.contiguous()
+
+    def _input_bytes(self, name: str) -> int:
+        readers = ([self.base] if self.base is not None and name in self.plan.merged else [])
+        readers += self.models if name not in self.plan.copied else [self.plan.ref]
+        return sum(r.nbytes(name) for r in readers)
+
+    def _stream(self, names: list[str], load: Callable[[str], Any], desc: str) -> Iterator[tuple[str, Any]]:
+        total = sum(self._input_bytes(n) for n in names)
+        budget = self.prefetch_bytes
+        if budget is None:
+            budget = max(256 * 2**20, 2 * max((self._input_bytes(n) for n in names), default=0))
+        with _progress(total, desc, self.quiet) as bar:
+            for name, item in _prefetch(names, load, self._input_bytes, budget):
+                yield name, item
+                self.bytes_read += self._input_bytes(name)
+                bar.update(self._input_bytes(name))
+
+    def _call(self, fn: Callable, *args):
+        result = fn(*args)
+        used = backends.last_backend()
+        if used:
+            self.backend_counts[used] += 1
+        return result
+
+    def run(self) -> MergeReport:
+        start = time.perf_counter()
+        self._open()
+        writer = None
+        try:
+            self.plan = self._make_plan()
+            self.method = self.method_cls(
+                self.cfg,
+                self.plan.merged,
+                lambda n: self.cfg.tensor_params(n, self.plan.num_layers),
+                self._out_dtype,
+            )
+            self.method.inputs_planned(self.plan.order, self.plan.copied, self.plan.task_specific)
+            outputs_of = self._output_plan()
+            outputs = [o for outs in outputs_of.values() for o in outs]
+            writer = CheckpointWriter(
+                self.out_dir,
+                outputs,
+                max_shard_bytes=self.cfg.out_shard_size,
+                fingerprint=self._fingerprint(),
+                overwrite=self.overwrite,
+            )
+            done = writer.completed_names()
+            merged_names = list(self.plan.merged)
+            for p in range(self.method.passes):
+                for name, (base, tensors) in self._stream(merged_names, self._load_merged, f"statistics {p + 1}/{self.method.passes}"):
+                    self._call(self.method.observe, p, name, base, tensors)
+                self.method.end_pass(p)
+            written = self._merge_pass(writer, outputs_of, done)
+            sink_bytes = sum(_nbytes(s, d) for n, s, d in outputs)
+            ref = self.plan.ref
+            cfg_json = _updated_config(ref.config(), self.cfg.out_dtype)
+            writer.finalize(cfg_json, self._tokenizer_files(), self.method.extra_files())
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
+        finally:
+            self._close()
+        return MergeReport(
+            out_dir=self.out_dir,
+            method=self.cfg.merge_method,
+            tensors=len(outputs),
+            bytes_read=self.bytes_read,
+            bytes_written=sink_bytes,
+            seconds=time.perf_counter() - start,
+            peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            device=str(self.device),
+            backends=dict(self.backend_counts),
+            resumed_tensors=len(outputs) - written,
+        )
+
+    def _merge_pass(self, writer: CheckpointWriter, outputs_of, done: set[str]) -> int:
+        """Stream every tensor name through the method (or copy it) into the writer."""
+        outs_of = {name: [o[0] for o in outs] for name, outs in outputs_of.items()}
+        sees_all = self.method.merge_sees_all
+        todo = [n for n in self.plan.order if sees_all and n in self.plan.merged or any(o not in done for o in outs_of[n])]
+
+        def load(name):
+            if name in self.plan.merged:
+                return self._load_merged(name)
+            if name in self.plan.task_specific:
+                return [self._read(r, name, lab) for r, lab in zip(self.models, self.labels)]
+            return self._read(self.plan.ref, name, str(self.plan.ref.path))
+
+        written = 0
+        with _BackgroundWriter(writer) as sink:
+            for name, item in self._stream(todo, load, "merge"):
+                if name in self.plan.merged:
+                    results = self._call(self.method.merge, name, *item)
+                elif name in self.plan.task_specific:
+                    results = {f"task{i}:{name}": t for i, t in enumerate(item)}
+                else:
+                    results = {self.method_cls.copy_prefix + name: item}
+                for out_name in outs_of[name]:
+                    if out_name not in done:
+                        sink.put(out_name, results[out_name])
+                        written += 1
+        return written
+
+    def _tokenizer_files(self) -> list[Path]:
+        src = self.cfg.tokenizer_source
+        if src in (None, "base"):
+            reader = self.plan.ref
+        else:
+            reader = next((r for r in [self.base, *self.models] if r is not None and str(r.path) == str(Path(src))), None)
+            if reader is None:
+                with CheckpointReader(src) as r:
+                    return r.files_to_copy()
+        return reader.files_to_copy()
+
+
+def _nbytes(shape, dtype) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+def _updated_config(config: dict | None, out_dtype: torch.dtype | None) -> dict | None:
+    if config is None or out_dtype is None:
+        return config
+    config = dict(config)
+    name = DTYPE_NAMES[out_dtype]
+    config["torch_dtype"] = name
+    if "dtype" in config:
+        config["dtype"] = name
+    return config
+
+
+class _progress:
+    """A tqdm bar over bytes, or nothing when quiet."""
+
+    def __init__(self, total: int, desc: str, quiet: bool):
+        self.bar = None
+        if not quiet:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, leave=False)
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
+
+
+_DONE = object()
+
+
+def _prefetch(names: Iterable[str], load: Callable[[str], Any], size: Callable[[str], int], budget: int):
+    """Yield (name, load(name)) in order; a background thread loads ahead within `budget` bytes."""
+    q: queue.Queue = queue.Queue()
+    cond = threading.Condition()
+    state = {"inflight": 0, "stop": False}
+
+    def worker():
+        try:
+            for name in names:
+                nbytes = size(name)
+                with cond:
+                    cond.wait_for(lambda: state["stop"] or state["inflight"] == 0 or state["inflight"] + nbytes <= budget)
+                    if state["stop"]:
+                        return
+                    state["inflight"] += nbytes
+                q.put((name, load(name), nbytes))
+        except BaseException as exc:  # handed to the consumer, raised there
+            q.put(exc)
+            return
+        q.put(_DONE)
+
+    thread = threading.Thread(target=worker, name="pymerge-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            got = q.get()
+            if got is _DONE:
+                return
+            if isinstance(got, BaseException):
+                raise got
+            name, item, nbytes = got
+            yield name, item
+            del item
+            with cond:
+                state["inflight"] -= nbytes
+                cond.notify()
+    finally:
+        with cond:
+            state["stop"] = True
+            cond.notify()
+        thread.join()
+
+
+class _BackgroundWriter:
+    """Hands finished tensors to the checkpoint writer on its own thread."""
+
+    def __init__(self, writer: CheckpointWriter, depth: int = 2):
+        self.writer = writer
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="pymerge-writer", daemon=True)
+
+    def _run(self):
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            if self.error is None:
+                try:
+                    self.writer.add(*item)
+                except BaseException as exc:
+                    self.error = exc
+
+    def put(self, name: str, tensor: torch.Tensor) -> None:
+        if self.error is not None:
+            raise self.error
+        self.q.put((name, tensor.detach().to("cpu")))
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.q.put(None)
+        self.thread.join()
+        if self.error is not None and exc_type is None:
+            raise self.error
