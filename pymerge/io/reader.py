@@ -2,7 +2,7 @@
 
 Opening a checkpoint validates every file cheaply (headers only, parsed here rather than
 trusting the library) so that a broken input fails before any merge work starts. Tensor
-data is read lazily, memory-mapped, one tensor at a time.
+data is read lazily, one tensor at a time, with positional reads.
 """
 
 from __future__ import annotations
@@ -252,32 +252,40 @@ def _unpickler_reason(e: Exception) -> str:
 
 
 class _SafetensorsShard:
-    """One safetensors file, opened once and shared by all reads (with a lock)."""
+    """One safetensors file, read with positional reads into fresh tensors.
+
+    Positional reads (not a memory map) keep resident memory at the tensors in
+    flight: a mapped file's touched pages would count towards the process's
+    memory until unmapped, growing with the model. They are thread-safe, too.
+    """
 
     def __init__(self, path: Path):
-        from safetensors import safe_open
-
         self.path = path
-        self.lock = threading.Lock()
         try:
-            self.handle = safe_open(str(path), framework="pt", device="cpu")
-        except Exception as e:  # the library raises its own error types
-            raise CheckpointError(f"{path}: safetensors refused to open the file: {e}") from e
+            self.fd: int | None = os.open(path, os.O_RDONLY)
+            (header_len,) = struct.unpack("<Q", os.pread(self.fd, 8, 0))
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot open: {e.strerror or e}") from e
+        self.data_start = 8 + header_len
 
-    def get(self, name: str) -> torch.Tensor:
-        with self.lock:
-            if self.handle is None:
-                raise ValueError("file is closed")
-            return self.handle.get_tensor(name)
+    def read(self, info: "TensorInfo") -> torch.Tensor:
+        if self.fd is None:
+            raise ValueError("file is closed")
+        out = torch.empty(info.shape, dtype=info.dtype)
+        if info.nbytes:
+            buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+            pos, offset = 0, self.data_start + info.offset
+            while pos < info.nbytes:
+                n = os.preadv(self.fd, [buf[pos:]], offset + pos)
+                if n == 0:
+                    raise CheckpointError(f"{self.path}: unexpected end of file reading {info.name!r}")
+                pos += n
+        return out
 
     def close(self) -> None:
-        with self.lock:
-            handle, self.handle = self.handle, None
-        if handle is not None:
-            try:
-                handle.__exit__(None, None, None)
-            except Exception:
-                pass
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
 
 
 class CheckpointReader:
@@ -475,7 +483,7 @@ class CheckpointReader:
         return sum(i.nbytes for i in self._infos.values())
 
     def get(self, name: str) -> torch.Tensor:
-        """Load one tensor (memory-mapped; callers must not write into it). Thread-safe."""
+        """Load one tensor into a new CPU tensor of its own. Thread-safe."""
         if self._closed:
             raise ValueError(f"checkpoint {self.path} is closed")
         info = self.info(name)
@@ -483,7 +491,7 @@ class CheckpointReader:
         if bin_sd is not None:
             return bin_sd[name]
         try:
-            return self._shards[info.file].get(name)
+            return self._shards[info.file].read(info)
         except Exception as e:
             raise CheckpointError(f"{info.file}: cannot read tensor {name!r}: {e}") from e
 
