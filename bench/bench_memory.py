@@ -2,7 +2,8 @@
 
     python bench/bench_memory.py [--layers 8] [--hidden 1024] [--method ties]
 
-Each merge runs in a fresh process; its peak RSS (ru_maxrss) is compared. The
+Each merge runs in a fresh process; its peak RSS (VmHWM, which unlike ru_maxrss
+starts anew at exec) is compared. The
 model at 2L layers is twice the bytes; a streaming engine's peak grows by far
 less than that (the target is < 10%).
 """
@@ -18,30 +19,42 @@ import tempfile
 import time
 from pathlib import Path
 
+SPARSE = ("ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties")
+
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 import pymerge
-cfg = json.loads(sys.argv[1])
+from pymerge.synthetic import llama_family
+if sys.argv[1] == "build":
+    llama_family(*json.loads(sys.argv[2])[:1], **json.loads(sys.argv[2])[1])
+    sys.exit()
+cfg = json.loads(sys.argv[2])
 t = time.perf_counter()
-rep = pymerge.merge(cfg, sys.argv[2], quiet=True)
-print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                  "bytes_read": rep.bytes_read, "backends": rep.backends}))
+rep = pymerge.merge(cfg, sys.argv[3], quiet=True)
+hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss": hwm * 1024, "bytes_read": rep.bytes_read,
+                  "backends": rep.backends}))
 """
 
 
-def run(layers: int, args, root: Path) -> dict:
-    from pymerge.synthetic import llama_family
+def _child(*argv: str) -> str:
+    # Each step in its own process: this one never holds the models, so nothing it
+    # allocated can show in the measured process.
+    return subprocess.run([sys.executable, "-c", CHILD, *argv], check=True, capture_output=True, text=True).stdout
 
-    fam = llama_family(root / f"L{layers}", n_models=3, layers=layers, hidden=args.hidden, intermediate=args.hidden * 11 // 4,
-                       heads=args.hidden // 64, kv_heads=max(1, args.hidden // 256), vocab=8000, shards=4)
+
+def run(layers: int, args, root: Path) -> dict:
+    fam = root / f"L{layers}"
+    shape = dict(n_models=3, layers=layers, hidden=args.hidden, intermediate=args.hidden * 11 // 4,
+                 heads=args.hidden // 64, kv_heads=max(1, args.hidden // 256), vocab=8000, shards=4)
+    _child("build", json.dumps([str(fam), shape]))
     cfg = {
         "merge_method": args.method,
-        "base_model": str(fam.base),
-        "models": [{"model": str(m), "parameters": {"density": 0.5}} for m in fam.models],
+        "base_model": str(fam / "base"),
+        "models": [{"model": str(fam / f"model_{i}"), "parameters": {"density": 0.5} if args.method in SPARSE else {}}
+                   for i in range(3)],
     }
-    out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cfg), str(root / f"out{layers}")],
-                         check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(_child("merge", json.dumps(cfg), str(root / f"out{layers}")).strip().splitlines()[-1])
 
 
 def main() -> None:
