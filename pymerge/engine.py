@@ -11,7 +11,6 @@ passes first.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging

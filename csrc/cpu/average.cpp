@@ -21,6 +21,7 @@
 
 #include "common/dtype.h"
 #include "common/parallel.h"
+#include "cpu/bindings.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -259,3 +260,52 @@ void weighted_sum(void* out, int out_dtype, const void* const* inputs, const int
 
 }  // namespace cpu
 }  // namespace pymerge
+
+// ---------------------------------------------------------------------------
+// Bindings
+// ---------------------------------------------------------------------------
+
+namespace {
+
+namespace py = pybind11;
+using namespace pymerge::bind;
+
+void weighted_sum_binding(uintptr_t out_ptr, int out_dtype, const std::vector<uintptr_t>& in_ptrs,
+                  const std::vector<int>& in_dtypes, uintptr_t base_ptr, int base_dtype,
+                  int64_t numel, const std::vector<float>& weights, float c) {
+  const size_t n = in_ptrs.size();
+  if (n == 0) throw py::value_error("weighted_sum: at least one input is needed");
+  if (in_dtypes.size() != n || weights.size() != n)
+    throw py::value_error("weighted_sum: " + std::to_string(n) + " inputs, " +
+                          std::to_string(in_dtypes.size()) + " dtypes, " +
+                          std::to_string(weights.size()) + " weights");
+  if (numel < 0) throw py::value_error("weighted_sum: numel < 0");
+  check_dtype(out_dtype, "out");
+  for (size_t i = 0; i < n; ++i) check_dtype(in_dtypes[i], "input " + std::to_string(i));
+  if (base_ptr != 0) check_dtype(base_dtype, "base");
+  if (numel == 0) return;
+  check_ptr(out_ptr, "out");
+  for (size_t i = 0; i < n; ++i) {
+    check_ptr(in_ptrs[i], "input " + std::to_string(i));
+    check_no_overlap(out_ptr, out_dtype, in_ptrs[i], in_dtypes[i], numel, "input " + std::to_string(i));
+  }
+  if (base_ptr != 0) check_no_overlap(out_ptr, out_dtype, base_ptr, base_dtype, numel, "base");
+
+  std::vector<const void*> inputs(n);
+  for (size_t i = 0; i < n; ++i) inputs[i] = reinterpret_cast<const void*>(in_ptrs[i]);
+  py::gil_scoped_release release;
+  pymerge::cpu::weighted_sum(reinterpret_cast<void*>(out_ptr), out_dtype, inputs.data(),
+                             in_dtypes.data(), int64_t(n), reinterpret_cast<const void*>(base_ptr),
+                             base_dtype, numel, weights.data(), c);
+}
+
+}  // namespace
+
+PYMERGE_BINDINGS(average) {
+  m.def("weighted_sum", &weighted_sum_binding, py::arg("out_ptr"), py::arg("out_dtype"),
+        py::arg("in_ptrs"), py::arg("in_dtypes"), py::arg("base_ptr"), py::arg("base_dtype"),
+        py::arg("numel"), py::arg("weights"), py::arg("c"),
+        "out = [base +] c * sum_i w_i * (x_i [- base]) in fp32, rounded once to out_dtype.\n"
+        "Pointers are addresses of contiguous buffers of numel elements; base_ptr=0 means no "
+        "base. weights and c are taken as fp32.");
+}

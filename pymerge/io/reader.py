@@ -12,7 +12,6 @@ import math
 import os
 import pickle
 import struct
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
