@@ -39,6 +39,14 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out-shard-size", type=_size, default=5 * 10**9)
     r.add_argument("--overwrite", action="store_true")
 
+    a = sub.add_parser("align", help="match B's hidden units to A's (weight matching) and save the permutations")
+    a.add_argument("a", help="the reference model (usually the merge's base)")
+    a.add_argument("b", help="the model to put in A's coordinates")
+    a.add_argument("out", help="the permutation file to write (.safetensors)")
+    a.add_argument("--arch", choices=["llama", "gpt2", "bert", "mlp"], help="architecture (default: from config.json)")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--max-sweeps", type=int, default=100)
+
     d = sub.add_parser("demo", help="merge a built-in synthetic model family with several methods")
     d.add_argument("--backend", default="auto", choices=["auto", "torch", "cpu", "cuda", "triton"])
     d.add_argument("--workdir", help="keep the models and outputs here instead of a temporary folder")
@@ -61,11 +69,18 @@ def main(argv: list[str] | None = None) -> int:
 
             out = reconstruct(args.emr_dir, args.task, args.dest, max_shard_bytes=args.out_shard_size, overwrite=args.overwrite)
             print(f"wrote task {args.task} to {out}")
+        elif args.command == "align":
+            from pymerge.align import align_checkpoints
+
+            result = align_checkpoints(args.a, args.b, args.out, arch=args.arch, seed=args.seed, max_sweeps=args.max_sweeps)
+            print(f"wrote {args.out}: {len(result.perms)} permutations, {result.sweeps} sweeps "
+                  f"({'converged' if result.converged else 'sweep limit'}), objective "
+                  f"{result.objective_history[0]:.6g} -> {result.objective_history[-1]:.6g}, {result.seconds:.1f} s")
         elif args.command == "demo":
             from pymerge.demo import run_demo
 
             print(run_demo(args.workdir, backend=args.backend))
-    except (MergeError, IndexError, OSError) as exc:
+    except (MergeError, IndexError, OSError, ValueError) as exc:
         print(f"pymerge: error: {exc}", file=sys.stderr)
         return 2
     return 0

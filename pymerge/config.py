@@ -217,7 +217,7 @@ _UNSUPPORTED_MERGEKIT_KEYS = {
     "chat_template": "chat templates are not supported; the tokenizer files are copied unchanged",
 }
 
-_MODEL_ENTRY_KEYS = ("model", "parameters")
+_MODEL_ENTRY_KEYS = ("model", "parameters", "permutations")
 _FILTER_ENTRY_KEYS = ("filter", "value")
 
 _DEFAULT_SHARD_SIZE = 5 * 10**9
@@ -469,6 +469,9 @@ class ModelEntry:
 
     model: str
     parameters: dict[str, Any] = field(default_factory=dict)
+    # A permutation file (`pymerge align`) that puts this model in the reference
+    # model's coordinates (the base's, or the first model's without a base).
+    permutations: str | None = None
 
 
 @dataclass
@@ -744,6 +747,8 @@ class MergeConfig:
             entry: dict[str, Any] = {"model": m.model}
             if m.parameters:
                 entry["parameters"] = copy.deepcopy(m.parameters)
+            if m.permutations:
+                entry["permutations"] = m.permutations
             models.append(entry)
         d["models"] = models
         if self.parameters:
@@ -801,7 +806,10 @@ def _parse_model_entry(item: Any, path: str) -> ModelEntry:
         params = {}
     if not isinstance(params, Mapping):
         raise ConfigError(f"{path}.parameters: expected a mapping of parameter names to values")
-    return ModelEntry(model=model, parameters=dict(params))
+    perms = item.get("permutations")
+    if perms is not None and (not isinstance(perms, str) or not perms):
+        raise ConfigError(f"{path}.permutations: expected the path of a permutation file from `pymerge align`")
+    return ModelEntry(model=model, parameters=dict(params), permutations=perms)
 
 
 def _parse_value(key: str, value: Any, path: str) -> Any:

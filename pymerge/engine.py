@@ -28,6 +28,7 @@ import torch
 from pymerge import __version__, backends
 from pymerge.config import MergeConfig, layer_index, load_config
 from pymerge.errors import InputMismatchError, MergeError, NonFiniteError
+from pymerge.align.apply import load_permutation_file, permuted_tensor
 from pymerge.io import CheckpointReader, CheckpointWriter
 from pymerge.methods import get_method
 
@@ -107,6 +108,7 @@ class _Merge:
         self.base = CheckpointReader(self.cfg.base_model) if uses_base else None
         self.models = [CheckpointReader(m.model) for m in self.cfg.models]
         self.labels = [m.model for m in self.cfg.models]
+        self.permutations = [_load_permutations(m.permutations) if m.permutations else None for m in self.cfg.models]
 
     def _close(self) -> None:
         for r in [self.base, *self.models]:
@@ -172,16 +174,21 @@ class _Merge:
         h = hashlib.sha256()
         h.update(f"pymerge {__version__}\n".encode())
         h.update(json.dumps(self.cfg.to_dict(), sort_keys=True, default=str).encode())
-        for r in ([self.base] if self.base else []) + self.models:
-            for f in sorted(r.files()):
-                st = Path(f).stat()
-                h.update(f"{Path(f).resolve()} {st.st_size} {st.st_mtime_ns}\n".encode())
+        files = [f for r in ([self.base] if self.base else []) + self.models for f in sorted(r.files())]
+        files += [m.permutations for m in self.cfg.models if m.permutations]
+        for f in files:
+            st = Path(f).stat()
+            h.update(f"{Path(f).resolve()} {st.st_size} {st.st_mtime_ns}\n".encode())
         return h.hexdigest()
 
     # --- streaming ------------------------------------------------------------------------
     def _load_merged(self, name: str):
         base = self._read(self.base, name, "base_model") if self.base is not None else None
         tensors = [self._read(r, name, lab) for r, lab in zip(self.models, self.labels)]
+        for i, pf in enumerate(self.permutations):
+            if pf is not None:
+                # one tensor re-indexed at a time: never a permuted copy of the model
+                tensors[i] = permuted_tensor(name, tensors[i], pf.spec, pf.perms)
         return base, tensors
 
     def _read(self, reader: CheckpointReader, name: str, label: str) -> torch.Tensor:
@@ -305,6 +312,16 @@ class _Merge:
                 with CheckpointReader(src) as r:
                     return r.files_to_copy()
         return reader.files_to_copy()
+
+
+def _load_permutations(path: str):
+    try:
+        pf = load_permutation_file(path)
+    except Exception as exc:  # safetensors raises its own error type for a corrupt file
+        raise MergeError(f"permutations {path}: {exc}") from exc
+    if pf.spec is None:
+        raise MergeError(f"permutations {path}: the file holds no permutation spec; write it with `pymerge align`")
+    return pf
 
 
 def _nbytes(shape, dtype) -> int:
