@@ -47,6 +47,12 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--max-sweeps", type=int, default=100)
 
+    from pymerge.analysis.inspect_models import add_inspect_arguments
+    from pymerge.analysis.quality import add_quality_arguments
+
+    add_inspect_arguments(sub.add_parser("inspect", help="task-vector statistics of models against a base, streamed"))
+    add_quality_arguments(sub.add_parser("quality", help="merge quality of every method on a multi-task digits benchmark"))
+
     d = sub.add_parser("demo", help="merge a built-in synthetic model family with several methods")
     d.add_argument("--backend", default="auto", choices=["auto", "torch", "cpu", "cuda", "triton"])
     d.add_argument("--workdir", help="keep the models and outputs here instead of a temporary folder")
@@ -76,6 +82,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.out}: {len(result.perms)} permutations, {result.sweeps} sweeps "
                   f"({'converged' if result.converged else 'sweep limit'}), objective "
                   f"{result.objective_history[0]:.6g} -> {result.objective_history[-1]:.6g}, {result.seconds:.1f} s")
+        elif args.command == "inspect":
+            from pymerge.analysis.inspect_models import run_inspect
+
+            return run_inspect(args)
+        elif args.command == "quality":
+            from pymerge.analysis.quality import run_quality_cli
+
+            return run_quality_cli(args)
         elif args.command == "demo":
             from pymerge.demo import run_demo
 
