@@ -19,7 +19,7 @@ import sys
 from glob import glob
 
 from pybind11.setup_helpers import ParallelCompile, Pybind11Extension, build_ext
-from setuptools import setup
+from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -100,6 +100,9 @@ def cuda_extensions() -> list:
 ParallelCompile("PYMERGE_BUILD_JOBS", default=0).install()
 
 setup(
+    # triton_kernels/ lives at the top of the tree (one folder per layer) but
+    # installs inside the package, mapped in pyproject's package-dir.
+    packages=find_packages(include=["pymerge", "pymerge.*"]) + ["pymerge.triton_kernels"],
     ext_modules=[cpu_extension(), *cuda_extensions()],
     cmdclass={"build_ext": build_ext},
     zip_safe=False,

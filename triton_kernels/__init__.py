@@ -1,1 +1,8 @@
-"""Triton kernels, one module per op family (installed as pymerge.triton_kernels)."""
+"""Triton kernels, one module per op family, each kernel beside its launch wrapper.
+
+average (weighted_sum), dare (Philox keep mask, L1 norms, merge), emr (elect,
+reconstruct), permute (permute_average), slerp (row sums, combine); reduce
+(fixed-order fp64 sums of per-block partials) and _common (exact dtype
+conversions, launch options) are shared. The launch wrappers take prepared
+tensors; pymerge.backends.triton validates the op arguments and calls them.
+"""
