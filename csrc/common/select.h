@@ -13,21 +13,14 @@
 #include <cstring>
 #include <vector>
 
+#include "common/dtype.h"
 #include "common/parallel.h"
 
 namespace pymerge {
 
-inline uint32_t f32_bits(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof(u));
-  return u;
-}
-
-inline float f32_from_bits(uint32_t u) {
-  float x;
-  std::memcpy(&x, &u, sizeof(x));
-  return x;
-}
+// f32_from_bits comes from dtype.h (a second definition here broke every file
+// that includes both headers).
+inline uint32_t f32_bits(float x) { return f32_to_bits(x); }
 
 // Unsigned order of the keys == numeric order of the floats (NaN excluded).
 inline uint32_t order_key(float x) {

@@ -40,6 +40,8 @@ __all__ = list(OPS) + ["last_backend", "reference"]
 
 
 def _device_type(args, kwargs) -> str:
+    if kwargs.get("device") is not None:  # ops that create tensors (dare_keep_mask)
+        return torch.device(kwargs["device"]).type
     for value in list(args) + list(kwargs.values()):
         if isinstance(value, torch.Tensor):
             return value.device.type

@@ -1,0 +1,226 @@
+// permute_average (specs/methods.md, specs/alignment.md): a weighted sum of
+// index-mapped weights, gathered tile by tile without a permuted copy.
+//
+// Per output element (r, c), in this exact fp32 order (as the torch reference):
+//   acc = +0; acc = acc + (c_i * f32(W_i[P_i[r], Q_i[c]])) for each covered i in model order
+//   with normalize_coverage: cov = +0; cov = cov + c_i for each covered i;
+//                            out = cov == 0 ? +0 : acc / cov
+// where model i covers (r, c) when P_i[r] != -1 and Q_i[c] != -1 (a missing
+// map is the identity). The reference adds +0 for an uncovered model; acc and
+// cov start at +0 and a round-to-nearest sum is never -0 unless both terms
+// are, so skipping that addition gives the same bits.
+//
+// Work items are (output row, column tile): the source row P_i[r] of every
+// model is contiguous and stays in cache while the tile gathers from it.
+// A 1-D tensor is one row whose columns are mapped by the row maps.
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "common/dtype.h"
+#include "common/parallel.h"
+#include "cpu/bindings.h"
+
+#if defined(__GNUC__)
+#define PYMERGE_PERMUTE_FLATTEN __attribute__((flatten))
+#else
+#define PYMERGE_PERMUTE_FLATTEN
+#endif
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define PYMERGE_PERMUTE_X86_CLONES 1
+#endif
+
+namespace pymerge {
+namespace cpu {
+
+// average.cpp owns the process-wide instruction-set choice (and its test hook).
+const char* kernel_isa();
+
+namespace permute {
+
+namespace {
+
+constexpr int64_t kTile = 1024;
+constexpr int64_t kGrainElems = 1 << 15;
+
+bool use_avx2() {
+#ifdef PYMERGE_PERMUTE_X86_CLONES
+  return std::strcmp(kernel_isa(), "avx2") == 0;
+#else
+  return false;
+#endif
+}
+
+struct Model {
+  const void* data;
+  int dtype;
+  int64_t rows;        // rows of W_i (1 for a 1-D tensor)
+  int64_t cols;        // row stride of W_i
+  const int64_t* pmap;  // [n_rows] or null (identity)
+  const int64_t* qmap;  // [n_cols] or null (identity)
+  float coeff;
+};
+
+struct Args {
+  void* out;
+  int out_dtype;
+  int64_t n_rows;
+  int64_t n_cols;
+  int64_t n_tiles;  // column tiles per row
+  const Model* models;
+  int64_t n_models;
+  bool normalize;
+};
+
+inline float select_f32(bool c, float a, float b) { return f32_from_bits(select_u32(c, f32_to_bits(a), f32_to_bits(b))); }
+
+template <int T>
+inline void add_contiguous(float* __restrict acc, const void* row, int64_t c0, int64_t n, float ci) {
+  const auto* __restrict p = static_cast<const typename Dtype<T>::storage*>(row) + c0;
+  for (int64_t j = 0; j < n; ++j) acc[j] = acc[j] + ci * Dtype<T>::load(p[j]);
+}
+
+// Gathers through q into a staging buffer (scalar: no 16-bit gathers), then
+// adds in a vectorised sweep; -1 adds +0 (same bits as skipping, see the
+// header) and its read index is clamped so that it never reads out of bounds.
+template <int T>
+inline void add_gathered(float* __restrict acc, float* __restrict cov, float* __restrict stage, bool with_cov,
+                         const void* row, const int64_t* __restrict q, int64_t n, float ci) {
+  const auto* __restrict p = static_cast<const typename Dtype<T>::storage*>(row);
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t k = q[j];
+    stage[j] = Dtype<T>::load(p[k < 0 ? 0 : k]);
+  }
+  for (int64_t j = 0; j < n; ++j) acc[j] = acc[j] + select_f32(q[j] >= 0, ci * stage[j], 0.0f);
+  if (with_cov)
+    for (int64_t j = 0; j < n; ++j) cov[j] = cov[j] + select_f32(q[j] >= 0, ci, 0.0f);
+}
+
+inline void run_items(const Args& a, int64_t item0, int64_t item1) {
+  alignas(64) float acc[kTile];
+  alignas(64) float cov[kTile];
+  alignas(64) float stage[kTile];
+  for (int64_t item = item0; item < item1; ++item) {
+    const int64_t r = item / a.n_tiles;
+    const int64_t c0 = (item % a.n_tiles) * kTile;
+    const int64_t n = std::min(kTile, a.n_cols - c0);
+    for (int64_t j = 0; j < n; ++j) acc[j] = 0.0f;
+    if (a.normalize)
+      for (int64_t j = 0; j < n; ++j) cov[j] = 0.0f;
+    for (int64_t i = 0; i < a.n_models; ++i) {
+      const Model& m = a.models[i];
+      const int64_t pr = m.pmap ? m.pmap[r] : r;
+      // An uncovered row, or a model without columns (all of its Q is -1).
+      if (pr < 0 || m.cols == 0) continue;
+      const float ci = m.coeff;
+      dispatch_dtype(m.dtype, [&](auto t) {
+        constexpr int T = decltype(t)::value;
+        const void* row = static_cast<const typename Dtype<T>::storage*>(m.data) + pr * m.cols;
+        if (m.qmap) {
+          add_gathered<T>(acc, cov, stage, a.normalize, row, m.qmap + c0, n, ci);
+        } else {
+          add_contiguous<T>(acc, row, c0, n, ci);
+          if (a.normalize)
+            for (int64_t j = 0; j < n; ++j) cov[j] = cov[j] + ci;
+        }
+      });
+    }
+    if (a.normalize)
+      for (int64_t j = 0; j < n; ++j) acc[j] = select_f32(cov[j] == 0.0f, 0.0f, acc[j] / cov[j]);
+    dispatch_dtype(a.out_dtype, [&](auto t) {
+      constexpr int T = decltype(t)::value;
+      auto* __restrict o = static_cast<typename Dtype<T>::storage*>(a.out) + r * a.n_cols + c0;
+      for (int64_t j = 0; j < n; ++j) o[j] = Dtype<T>::store(acc[j]);
+    });
+  }
+}
+
+using ItemFn = void (*)(const Args&, int64_t, int64_t);
+
+PYMERGE_PERMUTE_FLATTEN void items_generic(const Args& a, int64_t i0, int64_t i1) { run_items(a, i0, i1); }
+
+#ifdef PYMERGE_PERMUTE_X86_CLONES
+__attribute__((target("avx2,f16c"), flatten)) void items_avx2(const Args& a, int64_t i0, int64_t i1) {
+  run_items(a, i0, i1);
+}
+#endif
+
+}  // namespace
+
+// Preconditions (checked by the Python layer): maps validated, n_rows, n_cols >= 1.
+void permute_average(void* out, int out_dtype, int64_t n_rows, int64_t n_cols, const Model* models,
+                     int64_t n_models, bool normalize) {
+  Args a{out, out_dtype, n_rows, n_cols, (n_cols + kTile - 1) / kTile, models, n_models, normalize};
+  ItemFn fn = items_generic;
+#ifdef PYMERGE_PERMUTE_X86_CLONES
+  if (use_avx2()) fn = items_avx2;
+#endif
+  const int64_t tile_len = std::min(kTile, n_cols);
+  parallel_for(n_rows * a.n_tiles, std::max<int64_t>(1, kGrainElems / tile_len),
+               [&](int64_t i0, int64_t i1) { fn(a, i0, i1); });
+}
+
+}  // namespace permute
+}  // namespace cpu
+}  // namespace pymerge
+
+// ---------------------------------------------------------------------------
+// Bindings
+// ---------------------------------------------------------------------------
+
+namespace {
+
+namespace py = pybind11;
+using namespace pymerge::bind;
+namespace pm = pymerge::cpu::permute;
+
+void permute_average_binding(uintptr_t out_ptr, int out_dtype, int64_t n_rows, int64_t n_cols,
+                             const std::vector<uintptr_t>& in_ptrs, const std::vector<int>& in_dtypes,
+                             const std::vector<int64_t>& in_rows, const std::vector<int64_t>& in_cols,
+                             const std::vector<uintptr_t>& row_maps, const std::vector<uintptr_t>& col_maps,
+                             const std::vector<float>& coeffs, bool normalize) {
+  const size_t n = in_ptrs.size();
+  if (n == 0) throw py::value_error("permute_average: at least one input is needed");
+  if (in_dtypes.size() != n || in_rows.size() != n || in_cols.size() != n || row_maps.size() != n ||
+      col_maps.size() != n || coeffs.size() != n)
+    throw py::value_error("permute_average: per-model argument lists differ in length");
+  if (n_rows < 0 || n_cols < 0) throw py::value_error("permute_average: negative output size");
+  check_dtype(out_dtype, "out");
+  std::vector<pm::Model> models(n);
+  const uintptr_t out_end = out_ptr + uintptr_t(n_rows * n_cols) * pymerge::dtype_size(out_dtype);
+  for (size_t i = 0; i < n; ++i) {
+    const std::string what = "input " + std::to_string(i);
+    check_dtype(in_dtypes[i], what);
+    if (in_rows[i] < 0 || in_cols[i] < 0) throw py::value_error(what + ": negative size");
+    const int64_t numel = in_rows[i] * in_cols[i];
+    if (numel > 0) check_ptr(in_ptrs[i], what);
+    // No identity map onto a model of another size (the Python layer checks the index ranges).
+    if (!row_maps[i] && in_rows[i] != n_rows) throw py::value_error(what + ": identity row map with other size");
+    if (!col_maps[i] && in_cols[i] != n_cols) throw py::value_error(what + ": identity column map with other size");
+    const uintptr_t in_end = in_ptrs[i] + uintptr_t(numel) * pymerge::dtype_size(in_dtypes[i]);
+    if (n_rows * n_cols > 0 && numel > 0 && out_ptr < in_end && in_ptrs[i] < out_end)
+      throw py::value_error("output buffer overlaps " + what);
+    models[i] = pm::Model{reinterpret_cast<const void*>(in_ptrs[i]), in_dtypes[i], in_rows[i], in_cols[i],
+                          reinterpret_cast<const int64_t*>(row_maps[i]), reinterpret_cast<const int64_t*>(col_maps[i]),
+                          coeffs[i]};
+  }
+  if (n_rows == 0 || n_cols == 0) return;
+  check_ptr(out_ptr, "out");
+  py::gil_scoped_release release;
+  pm::permute_average(reinterpret_cast<void*>(out_ptr), out_dtype, n_rows, n_cols, models.data(), int64_t(n),
+                      normalize);
+}
+
+}  // namespace
+
+PYMERGE_BINDINGS(permute) {
+  m.def("permute_average", &permute_average_binding, py::arg("out_ptr"), py::arg("out_dtype"), py::arg("n_rows"),
+        py::arg("n_cols"), py::arg("in_ptrs"), py::arg("in_dtypes"), py::arg("in_rows"), py::arg("in_cols"),
+        py::arg("row_maps"), py::arg("col_maps"), py::arg("coeffs"), py::arg("normalize"),
+        "out[r, c] = sum_i c_i * W_i[P_i[r], Q_i[c]] in fp32 (optionally / sum of the covering c_i), rounded "
+        "once to out_dtype. W_i: contiguous [in_rows, in_cols]; maps: addresses of int64 [n_rows] / [n_cols] "
+        "index arrays (entries in [-1, size-1]) or 0 for the identity.");
+}

@@ -1,0 +1,221 @@
+// TIES-Merging (specs/methods.md, "ties"; torch reference pymerge/ops/reference/ties.py).
+//
+// ties_merge (per tensor, mergekit's form): per model, the exact k_i largest
+// |tau_i| (two radix sweeps that histogram every model while reading theta_0
+// once per block), then one fused pass: trim, weight, elect, disjoint merge,
+// normalize, lambda, + base, one rounding. See sparse_common.h.
+//
+// Model scope (the TIES paper's code), given the per-model thresholds t_i:
+//   tau_hat_i = |tau_i| >= t_i ? tau_i : +0;  S = ((+0 + tau_hat_0) + tau_hat_1) + ...
+// ties_sign_sum:    sum_p sign(S_p), an exact integer.
+// ties_merge_model: g = sign(S), S == 0 -> sign(fallback); agree_i = g > 0 ? tau_hat_i > 0
+//   : tau_hat_i < 0; total = ((+0 + [a_0] tau_hat_0) + ...); merged = total / fp32(max(1,
+//   count)) ("dis-mean") or total ("dis-sum"); out = b + merged * lam.
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "cpu/bindings.h"
+#include "cpu/sparse_bind.h"
+#include "cpu/sparse_common.h"
+
+namespace pymerge {
+namespace cpu {
+namespace sparse {
+
+namespace {
+
+// tau_hat_i = |tau_i| >= t_i ? tau_i : +0 (NaN never kept, as the float compare).
+struct ThresholdRows {
+  const float* t;
+
+  struct State {};
+  State start(int64_t) const { return {}; }
+
+  void make(State&, int64_t i, int64_t, int64_t n, Scratch& s, float* __restrict row) const {
+    const float* __restrict tau = s.tau;
+    const float ti = t[i];
+    for (int64_t j = 0; j < n; ++j) {
+      const float a = f32_from_bits(f32_to_bits(tau[j]) & 0x7FFFFFFFu);
+      row[j] = masked(tau[j], mask_of(a >= ti));
+    }
+  }
+};
+
+// pos[j]: the elected sign is +1. g = sign(S) with S == 0 -> sign(fallback);
+// torch's sign(NaN) is 0, which (like g == 0) selects the negative entries.
+inline void model_scope_sum(const float* rows, int64_t nm, Scratch& s, int64_t n) {
+  float* __restrict acc = s.acc;
+  for (int64_t j = 0; j < n; ++j) acc[j] = 0.0f;
+  for (int64_t i = 0; i < nm; ++i) {
+    const float* __restrict r = rows + i * kBlock;
+    for (int64_t j = 0; j < n; ++j) acc[j] = acc[j] + r[j];
+  }
+}
+
+struct ModelCombine {
+  int fallback;  // -1, 0, +1
+  float lam;
+  bool dis_mean;
+
+  void operator()(float* rows, int64_t nm, Scratch& s, float* __restrict out, int64_t n) const {
+    model_scope_sum(rows, nm, s, n);
+    float* __restrict acc = s.acc;
+    uint32_t* __restrict pos = s.pos;
+    const uint32_t fb_pos = mask_of(fallback > 0);
+    for (int64_t j = 0; j < n; ++j) pos[j] = mask_of(acc[j] > 0.0f) | (mask_of(acc[j] == 0.0f) & fb_pos);
+    int32_t* __restrict cnt = s.cnt;
+    for (int64_t j = 0; j < n; ++j) {
+      acc[j] = 0.0f;
+      cnt[j] = 0;
+    }
+    for (int64_t i = 0; i < nm; ++i) {
+      const float* __restrict r = rows + i * kBlock;
+      for (int64_t j = 0; j < n; ++j) {
+        const float th = r[j];
+        const uint32_t agree = (pos[j] & mask_of(th > 0.0f)) | (~pos[j] & mask_of(th < 0.0f));
+        acc[j] = acc[j] + masked(th, agree);
+        cnt[j] += int32_t(agree & 1u);
+      }
+    }
+    if (dis_mean)
+      for (int64_t j = 0; j < n; ++j) acc[j] = acc[j] / float(std::max(cnt[j], int32_t(1)));
+    const float* __restrict b = s.b;
+    for (int64_t j = 0; j < n; ++j) out[j] = b[j] + acc[j] * lam;
+  }
+};
+
+// sum_p sign(S_p) per chunk.
+struct SignSumPass {
+  const Inputs* in;
+  const ThresholdRows* rows;
+  int64_t chunks;
+  int64_t* totals;
+
+  void chunk(int64_t c) const {
+    const int64_t nm = in->n;
+    std::vector<float> rowbuf(static_cast<size_t>(nm * kBlock));
+    Scratch s;
+    ThresholdRows::State st;
+    int64_t total = 0;
+    const int64_t begin = chunk_begin(in->numel, chunks, c), end = chunk_begin(in->numel, chunks, c + 1);
+    for (int64_t off = begin; off < end; off += kBlock) {
+      const int64_t n = std::min(kBlock, end - off);
+      load_any(in->base_dtype, s.b, in->base, off, n);
+      for (int64_t i = 0; i < nm; ++i) {
+        tau_any(in->dtypes[i], s.tau, s.b, in->models[i], off, n);
+        rows->make(st, i, off, n, s, rowbuf.data() + i * kBlock);
+      }
+      model_scope_sum(rowbuf.data(), nm, s, n);
+      int32_t part = 0;  // |part| <= kBlock
+      for (int64_t j = 0; j < n; ++j) part += int32_t(s.acc[j] > 0.0f) - int32_t(s.acc[j] < 0.0f);
+      total += part;
+    }
+    totals[c] = total;
+  }
+};
+
+}  // namespace
+
+void ties_merge(const Inputs& in, void* out, int out_dtype, const std::vector<int64_t>& ks,
+                const std::vector<float>& weights, float lam, bool normalize, bool count, bool inclusive) {
+  if (in.numel <= 0) return;
+  const int64_t chunks = chunk_count(in.numel, in.n);
+  std::vector<TrimRequest> reqs;
+  for (int64_t i = 0; i < in.n; ++i) reqs.push_back({i, ks[size_t(i)]});
+  const std::vector<Trim> trims = select_trims(in, reqs, chunks, inclusive);
+  const TrimRows rows{trims.data(), nullptr, in.n};
+  const TiesCombine combine{weights.data(), lam, normalize, count};
+  merge(in, out, out_dtype, rows, combine, chunks);
+}
+
+int64_t ties_sign_sum(const Inputs& in, const std::vector<float>& thresholds) {
+  if (in.numel <= 0) return 0;
+  const int64_t chunks = chunk_count(in.numel);
+  std::vector<int64_t> totals(static_cast<size_t>(chunks), 0);
+  const ThresholdRows rows{thresholds.data()};
+  run_chunks(SignSumPass{&in, &rows, chunks, totals.data()}, chunks);
+  int64_t total = 0;
+  for (int64_t t : totals) total += t;
+  return total;
+}
+
+void ties_merge_model(const Inputs& in, void* out, int out_dtype, const std::vector<float>& thresholds,
+                      int fallback, float lam, bool dis_mean) {
+  if (in.numel <= 0) return;
+  const int64_t chunks = chunk_count(in.numel);
+  const ThresholdRows rows{thresholds.data()};
+  const ModelCombine combine{fallback, lam, dis_mean};
+  merge(in, out, out_dtype, rows, combine, chunks);
+}
+
+}  // namespace sparse
+}  // namespace cpu
+}  // namespace pymerge
+
+// ---------------------------------------------------------------------------
+// Bindings
+// ---------------------------------------------------------------------------
+
+namespace {
+
+namespace py = pybind11;
+using pymerge::bind::SparseArgs;
+
+void ties_merge_binding(uintptr_t out_ptr, int out_dtype, const std::vector<uintptr_t>& in_ptrs,
+                        const std::vector<int>& in_dtypes, uintptr_t base_ptr, int base_dtype, int64_t numel,
+                        const std::vector<int64_t>& ks, const std::vector<float>& weights, float lam,
+                        bool normalize, bool consensus_count, bool inclusive) {
+  const SparseArgs args("ties_merge", in_ptrs, in_dtypes, base_ptr, base_dtype, numel);
+  args.check_per_model(ks, "ks");
+  args.check_per_model(weights, "weights");
+  args.check_out(out_ptr, out_dtype);
+  if (numel == 0) return;
+  py::gil_scoped_release release;
+  pymerge::cpu::sparse::ties_merge(args.inputs(), reinterpret_cast<void*>(out_ptr), out_dtype, ks, weights, lam,
+                                   normalize, consensus_count, inclusive);
+}
+
+int64_t ties_sign_sum_binding(const std::vector<uintptr_t>& in_ptrs, const std::vector<int>& in_dtypes,
+                              uintptr_t base_ptr, int base_dtype, int64_t numel,
+                              const std::vector<float>& thresholds) {
+  const SparseArgs args("ties_sign_sum", in_ptrs, in_dtypes, base_ptr, base_dtype, numel);
+  args.check_per_model(thresholds, "thresholds");
+  if (numel == 0) return 0;
+  py::gil_scoped_release release;
+  return pymerge::cpu::sparse::ties_sign_sum(args.inputs(), thresholds);
+}
+
+void ties_merge_model_binding(uintptr_t out_ptr, int out_dtype, const std::vector<uintptr_t>& in_ptrs,
+                              const std::vector<int>& in_dtypes, uintptr_t base_ptr, int base_dtype,
+                              int64_t numel, const std::vector<float>& thresholds, int fallback_sign, float lam,
+                              bool dis_mean) {
+  const SparseArgs args("ties_merge_model", in_ptrs, in_dtypes, base_ptr, base_dtype, numel);
+  args.check_per_model(thresholds, "thresholds");
+  args.check_out(out_ptr, out_dtype);
+  if (numel == 0) return;
+  const int fb = (fallback_sign > 0) - (fallback_sign < 0);
+  py::gil_scoped_release release;
+  pymerge::cpu::sparse::ties_merge_model(args.inputs(), reinterpret_cast<void*>(out_ptr), out_dtype, thresholds, fb,
+                                         lam, dis_mean);
+}
+
+}  // namespace
+
+PYMERGE_BINDINGS(ties) {
+  m.def("ties_merge", &ties_merge_binding, py::arg("out_ptr"), py::arg("out_dtype"), py::arg("in_ptrs"),
+        py::arg("in_dtypes"), py::arg("base_ptr"), py::arg("base_dtype"), py::arg("numel"), py::arg("ks"),
+        py::arg("weights"), py::arg("lam"), py::arg("normalize"), py::arg("consensus_count"),
+        py::arg("inclusive"),
+        "Per-tensor TIES: keep the ks[i] largest |x_i - base| (exact count, lower index first among "
+        "equals; inclusive: every value >= the ks[i]-th largest), then TIES steps 2-6 in fp32, one "
+        "rounding to out_dtype. weights and lam are taken as fp32.");
+  m.def("ties_sign_sum", &ties_sign_sum_binding, py::arg("in_ptrs"), py::arg("in_dtypes"), py::arg("base_ptr"),
+        py::arg("base_dtype"), py::arg("numel"), py::arg("thresholds"),
+        "sum_p sign(S_p), S = sequential fp32 sum of the thresholded task vectors (|tau| >= t kept).");
+  m.def("ties_merge_model", &ties_merge_model_binding, py::arg("out_ptr"), py::arg("out_dtype"),
+        py::arg("in_ptrs"), py::arg("in_dtypes"), py::arg("base_ptr"), py::arg("base_dtype"), py::arg("numel"),
+        py::arg("thresholds"), py::arg("fallback_sign"), py::arg("lam"), py::arg("dis_mean"),
+        "The merge pass of model-scope TIES given fp32 thresholds and the model-wide fallback sign.");
+}
