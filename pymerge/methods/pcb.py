@@ -8,7 +8,7 @@ from pymerge import ops
 from pymerge.methods.base import MergeMethod, numel
 from pymerge.ops.reference._common import task_vectors
 from pymerge.ops.reference.pcb import pcb_clip_indices, pcb_score_index
-from pymerge.ops.selection import RadixSelect
+from pymerge.ops.selection import RadixSelect, histogram_op
 
 
 class Pcb(MergeMethod):
@@ -34,16 +34,41 @@ class Pcb(MergeMethod):
 
     def observe(self, pass_index, name, base, tensors):
         if pass_index < 2:
+            self._observe_clip(pass_index, base, tensors)
+            return
+        beta = ops.pcb_scores(base, tensors, self.lo, self.hi, backend=self.backend)
+        hist = histogram_op("order_key_histogram", self.backend, beta.device.type)
+        for i in range(self.n):
+            if hist is None:
+                self.scores.update(i, beta[i])
+            elif pass_index == 2:
+                self.scores.add_histogram(i, hist(beta[i], shift=16))
+            else:
+                self.scores.add_histogram(i, hist(beta[i], shift=0, prefix=self.scores.prefix(i)), count=beta.shape[1])
+            if pass_index == 2 and beta.shape[1]:
+                self.score_max[i] = max(self.score_max[i], float(beta[i].max()))
+
+    def _observe_clip(self, pass_index, base, tensors):
+        hist = histogram_op("abs_tau_histogram", self.backend, base.device.type)
+        if hist is None:
             tau = task_vectors(base, tensors).abs_()
             for i in range(self.n):
                 self.clip.update(2 * i, tau[i])
                 self.clip.update(2 * i + 1, tau[i])
             return
-        beta = ops.pcb_scores(base, tensors, self.lo, self.hi, backend=self.backend)
-        for i in range(self.n):
-            self.scores.update(i, beta[i])
-            if pass_index == 2 and beta.shape[1]:
-                self.score_max[i] = max(self.score_max[i], float(beta[i].max()))
+        # The kernel histograms |tau_i| straight from the inputs; lo and hi share phase 1.
+        for i, t in enumerate(tensors):
+            lo_s, hi_s = 2 * i, 2 * i + 1
+            if pass_index == 0:
+                h = hist(base, t, shift=16)
+                self.clip.add_histogram(lo_s, h, keys="abs")
+                self.clip.add_histogram(hi_s, h, keys="abs")
+                continue
+            p_lo, p_hi = self.clip.prefix(lo_s, keys="abs"), self.clip.prefix(hi_s, keys="abs")
+            h_lo = hist(base, t, shift=0, prefix=p_lo)
+            h_hi = h_lo if p_hi == p_lo else hist(base, t, shift=0, prefix=p_hi)
+            self.clip.add_histogram(lo_s, h_lo, keys="abs", count=t.numel())
+            self.clip.add_histogram(hi_s, h_hi, keys="abs", count=t.numel())
 
     def end_pass(self, pass_index):
         (self.clip if pass_index < 2 else self.scores).next_phase()

@@ -6,7 +6,7 @@ from pymerge import ops
 from pymerge.errors import ConfigError
 from pymerge.methods.base import MergeMethod, model_constant, numel
 from pymerge.ops.reference._common import task_vectors
-from pymerge.ops.selection import RadixSelect
+from pymerge.ops.selection import RadixSelect, histogram_op
 
 
 class Ties(MergeMethod):
@@ -40,10 +40,20 @@ class Ties(MergeMethod):
 
     def observe(self, pass_index, name, base, tensors):
         if pass_index < 2:
-            if self.select is not None:
+            if self.select is None:
+                return
+            hist = histogram_op("abs_tau_histogram", self.backend, base.device.type)
+            if hist is None:
                 tau = task_vectors(base, tensors).abs_()
                 for stream, i in enumerate(self.ranks):
                     self.select.update(stream, tau[i])
+                return
+            for stream, i in enumerate(self.ranks):
+                if pass_index == 0:
+                    self.select.add_histogram(stream, hist(base, tensors[i], shift=16), keys="abs")
+                else:
+                    h = hist(base, tensors[i], shift=0, prefix=self.select.prefix(stream, keys="abs"))
+                    self.select.add_histogram(stream, h, keys="abs", count=tensors[i].numel())
         else:
             self.sign_total += int(ops.ties_sign_sum(base, tensors, self.thresholds, backend=self.backend))
 

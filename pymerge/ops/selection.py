@@ -13,6 +13,11 @@ RadixSelect finds the value at a given 0-based ascending rank in two passes: pha
 a 65536-bin histogram of the high 16 key bits and picks the bin holding the rank; phase 2
 histograms the low 16 bits of the values inside that bin. Counts are int64, so the result
 is exact for any number of values.
+
+The histograms can also be computed elsewhere (a compiled kernel that derives the values on
+the fly, e.g. |theta_i - theta_0|) and added with `RadixSelect.add_histogram`:
+`abs_tau_histogram` and `order_key_histogram` below are the torch versions of those ops, and
+`histogram_op` returns the compiled one where a backend has it.
 """
 
 from __future__ import annotations
@@ -26,6 +31,9 @@ RADIX_BINS = 1 << RADIX_BITS
 _LOW_MASK = RADIX_BINS - 1
 _SIGN = 0x80000000
 _MASK32 = 0xFFFFFFFF
+# Key given to NaN by the histogram ops: its high digit (0xFFFF) holds no other value.
+NAN_KEY = _MASK32
+_ABS_OFFSET = _SIGN >> RADIX_BITS  # order_key(|x|) high digit = abs_key(x) high digit + this
 
 
 def fp32_order_key(x: torch.Tensor) -> torch.Tensor:
@@ -50,6 +58,66 @@ def fp32_from_order_key(keys: torch.Tensor) -> torch.Tensor:
     return signed.view(torch.float32)
 
 
+def _check_digit(shift: int, prefix: int | None) -> None:
+    if shift not in (0, 16) or isinstance(shift, bool):
+        raise ValueError(f"shift must be 16 (high digit) or 0 (low digit), got {shift!r}")
+    if shift == 16 and prefix is not None:
+        raise ValueError("prefix applies to the low digit only (shift=0)")
+    if shift == 0 and (prefix is None or isinstance(prefix, bool) or not 0 <= int(prefix) <= _LOW_MASK):
+        raise ValueError(f"the low digit (shift=0) needs a prefix in [0, 65535], got {prefix!r}")
+
+
+def _digit_histogram(keys: torch.Tensor, shift: int, prefix: int | None) -> torch.Tensor:
+    if shift == 16:
+        idx = keys >> RADIX_BITS
+    else:
+        idx = keys[(keys >> RADIX_BITS) == int(prefix)] & _LOW_MASK
+    return torch.bincount(idx, minlength=RADIX_BINS)
+
+
+def abs_tau_histogram(base: torch.Tensor, tensor: torch.Tensor, *, shift: int, prefix: int | None = None) -> torch.Tensor:
+    """int64 [65536] histogram of one 16-bit digit of abs_key(f32(tensor) - f32(base)).
+
+    abs_key(x) = the fp32 bit pattern of x with the sign bit cleared (orders |x|; both zeros
+    are 0); NaN gets NAN_KEY. shift=16: the high digit of every key; shift=0: the low digit
+    of the keys whose high digit is `prefix`. torch version of the compiled op.
+    """
+    _check_digit(shift, prefix)
+    if tensor.shape != base.shape:
+        raise ValueError(f"tensor: shape {tuple(tensor.shape)} != base {tuple(base.shape)}")
+    tau = tensor.reshape(-1).to(torch.float32) - base.reshape(-1).to(torch.float32)
+    keys = tau.view(torch.int32).to(torch.int64) & 0x7FFFFFFF
+    keys = torch.where(torch.isnan(tau), torch.full_like(keys, NAN_KEY), keys)
+    return _digit_histogram(keys, shift, prefix)
+
+
+def order_key_histogram(values: torch.Tensor, *, shift: int, prefix: int | None = None) -> torch.Tensor:
+    """int64 [65536] histogram of one 16-bit digit of fp32_order_key(values) (-0.0 counted as
+    +0.0, NaN as NAN_KEY); shift and prefix as in `abs_tau_histogram`. torch version of the
+    compiled op; fp16/bf16 values are upcast exactly."""
+    _check_digit(shift, prefix)
+    if values.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"values must be fp32, fp16 or bf16, got {values.dtype}")
+    x = values.reshape(-1).to(torch.float32)
+    x = torch.where(x == 0, torch.zeros((), dtype=torch.float32, device=x.device), x)
+    keys = fp32_order_key(x)
+    keys = torch.where(torch.isnan(x), torch.full_like(keys, NAN_KEY), keys)
+    return _digit_histogram(keys, shift, prefix)
+
+
+def histogram_op(name: str, backend: str, device_type: str):
+    """The compiled histogram op `name` ("abs_tau_histogram" or "order_key_histogram") to use
+    for tensors on `device_type` under the `backend` choice, or None where no compiled one
+    applies (then feed the values with `RadixSelect.update`)."""
+    if backend not in ("auto", "cpu") or device_type != "cpu":
+        return None
+    from pymerge import backends
+
+    if not backends.implements("cpu", name):
+        return None
+    return backends.select(name, "cpu", device_type)[1]
+
+
 class RadixSelect:
     """Exact k-th smallest of n_streams multisets of fp32 values fed in chunks, 2 passes.
 
@@ -64,6 +132,9 @@ class RadixSelect:
     from `totals`). fp16/bf16 values are upcast exactly; -0.0 counts as +0.0; NaN raises.
     A rank outside [0, count) raises ValueError, and so does a phase-2 count that differs
     from phase 1 (the data was not streamed identically).
+
+    Instead of update(), a chunk may come as a precomputed digit histogram: add_histogram();
+    phase 2's histograms then filter on prefix(stream). Both ways mix freely.
     """
 
     def __init__(self, n_streams: int, ranks: Sequence[int] | None = None):
@@ -131,6 +202,72 @@ class RadixSelect:
             self._hist[stream] = h
         else:
             self._hist[stream] += h.to(self._hist[stream].device)
+
+    def prefix(self, stream: int, keys: str = "order") -> int:
+        """Phase 2: the high digit phase-2 histograms of `stream` filter on (their `prefix=`).
+
+        keys="abs": as a digit of abs keys (see add_histogram)."""
+        if self._phase != 1:
+            raise ValueError("the prefix is known in phase 2 only")
+        self._check_stream(stream)
+        p = self._prefix[stream]
+        if keys == "order":
+            return p
+        if keys != "abs":
+            raise ValueError(f"keys must be 'order' or 'abs', got {keys!r}")
+        if p < _ABS_OFFSET:
+            raise ValueError(f"stream {stream}: the selected value is negative, it has no abs key")
+        return p - _ABS_OFFSET
+
+    def add_histogram(self, stream: int, hist: torch.Tensor, *, keys: str = "order", count: int | None = None) -> None:
+        """Add one chunk of stream `stream` as a precomputed 65536-bin digit histogram.
+
+        Phase 1: the histogram of the high 16 key bits of the chunk's values; phase 2: of the
+        low 16 bits of those whose high 16 bits are prefix(stream, keys). keys="order": keys
+        are fp32_order_key of the values with -0.0 as +0.0 (`order_key_histogram`);
+        keys="abs": the stream's values are magnitudes |x| and the keys are abs keys, the bit
+        patterns with the sign cleared (`abs_tau_histogram`). count: how many values the chunk
+        has; in phase 1 it is hist.sum() (the default), in phase 2 it must be given (the
+        histogram holds only the values inside the bin) so that the phase-2 check can hold.
+        Phase-1 counts in the NaN bin 0xFFFF raise ValueError, as NaN values do in update().
+        """
+        if self.done:
+            raise ValueError("selection is done; no more updates")
+        self._check_stream(stream)
+        if keys not in ("order", "abs"):
+            raise ValueError(f"keys must be 'order' or 'abs', got {keys!r}")
+        h = torch.as_tensor(hist)
+        if h.dtype.is_floating_point or h.dtype.is_complex or h.dtype == torch.bool or h.numel() != RADIX_BINS:
+            raise ValueError(f"hist must hold {RADIX_BINS} integer counts, got {h.numel()} of {h.dtype}")
+        h = h.reshape(-1).to(torch.int64)
+        if bool((h < 0).any()):
+            raise ValueError("hist has negative counts")
+        total = int(h.sum())
+        if self._phase == 0:
+            if int(h[-1]) > 0:
+                raise ValueError(f"stream {stream}: NaN values cannot be ranked")
+            if count is not None and int(count) != total:
+                raise ValueError(f"stream {stream}: count {count} != the {total} values in hist")
+            if keys == "abs":
+                if int(h[_ABS_OFFSET:].sum()) > 0:
+                    raise ValueError("abs keys have the top bit clear: hist[32768:] must be empty")
+                h = torch.cat([torch.zeros(_ABS_OFFSET, dtype=torch.int64, device=h.device), h[:_ABS_OFFSET]])
+            n = total
+        else:
+            if count is None:
+                raise ValueError("a phase-2 histogram needs count= (the values of the chunk, not only those in the bin)")
+            n = int(count)
+            if total > n:
+                raise ValueError(f"stream {stream}: hist holds {total} values, more than count {n}")
+        self._count[stream] += n
+        if self._hist[stream] is None:
+            self._hist[stream] = h.clone()  # owned: later chunks add into it in place
+        else:
+            self._hist[stream] += h.to(self._hist[stream].device)
+
+    def _check_stream(self, stream: int) -> None:
+        if isinstance(stream, bool) or not isinstance(stream, int) or not 0 <= stream < self.n_streams:
+            raise ValueError(f"stream must be in [0, {self.n_streams}), got {stream!r}")
 
     @staticmethod
     def _locate(hist: torch.Tensor, rank: int) -> tuple[int, int]:
