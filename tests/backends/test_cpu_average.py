@@ -38,13 +38,6 @@ def rand(shape, dtype, gen, scale=1.0, offset=0.0):
     return (torch.randn(shape, generator=gen) * scale + offset).to(dtype)
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    before = cpu.get_num_threads()
-    yield
-    cpu.set_num_threads(before)
-
-
 def isas():
     """The kernel clones this machine can run: the baseline one always, plus AVX2 where present."""
     from pymerge import _C

@@ -40,13 +40,6 @@ def exact_math():
         torch.exp, torch.tanh = _torch_exp, _torch_tanh
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    before = cpu.get_num_threads()
-    yield
-    cpu.set_num_threads(before)
-
-
 def bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({torch.float32: torch.int32, torch.float64: torch.int64}.get(t.dtype, torch.int16))
 

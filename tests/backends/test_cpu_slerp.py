@@ -11,6 +11,7 @@ import torch
 
 import pymerge.ops
 from pymerge.backends import cpu
+from pymerge.testing import assert_bits_equal
 from pymerge.ops import reference
 from pymerge.ops.reference.slerp import slerp_coefficients
 
@@ -43,16 +44,6 @@ def isas():
 
     _C._set_force_generic(False)
     return ["generic"] if _C._kernel_isa() == "generic" else ["generic", _C._kernel_isa()]
-
-
-def assert_bits_equal(actual, ref):
-    """Same dtype, shape and bits (signed zeros included); any NaN matches any NaN."""
-    assert actual.dtype == ref.dtype and actual.shape == ref.shape
-    bits = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}[actual.dtype]
-    a, r = actual.reshape(-1), ref.reshape(-1)
-    nan_a, nan_r = torch.isnan(a), torch.isnan(r)
-    assert torch.equal(nan_a, nan_r)
-    assert torch.equal(a.view(bits)[~nan_a], r.view(bits)[~nan_r])
 
 
 def check(a, b, t, **kw):

@@ -9,6 +9,7 @@ import torch
 
 import pymerge.ops
 from pymerge.backends import cpu
+from pymerge.testing import assert_bits_equal
 from pymerge.ops import reference
 
 # CI builds the extension, so there a missing build fails instead of skipping.
@@ -22,26 +23,6 @@ BLOCK = 1024
 CHUNK = 1 << 16
 ODD = 3 * CHUNK + BLOCK // 2 + 7  # not a multiple of any block or chunk size
 SIZES = [0, 1, 7, 1000, 65537, ODD]
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    before = cpu.get_num_threads()
-    yield
-    cpu.set_num_threads(before)
-
-
-def assert_bits_equal(actual, ref):
-    """Same dtype, shape and bits (signed zeros included); any NaN matches any NaN."""
-    assert actual.dtype == ref.dtype and actual.shape == ref.shape
-    bits = torch.int32 if actual.dtype == torch.float32 else torch.int16
-    a, r = actual.reshape(-1), ref.reshape(-1)
-    nan = torch.isnan(r)
-    assert torch.equal(torch.isnan(a), nan), "NaNs differ"
-    bad = ((a.view(bits) != r.view(bits)) & ~nan).nonzero()
-    if bad.numel():
-        p = int(bad[0])
-        raise AssertionError(f"{bad.numel()} of {r.numel()} elements differ; first at {p}: {a[p].item()!r} != {r[p].item()!r}")
 
 
 def each_isa(fn):
