@@ -29,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--allow-nonfinite", action="store_true", default=None, help="merge inputs holding NaN/Inf")
     m.add_argument("--overwrite", action="store_true", help="replace a finished checkpoint in OUT")
     m.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    m.add_argument("--distributed", action="store_true",
+                   help="under torchrun: every rank merges and writes a share of the output (gloo on CPU, nccl on GPUs)")
 
     e = sub.add_parser("emr", help="EMR-Merging folders")
     esub = e.add_subparsers(dest="emr_command", required=True)
@@ -68,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
 
             overrides = {k: getattr(args, k) for k in ("device", "backend", "out_shard_size", "allow_nonfinite")}
             overrides = {k: v for k, v in overrides.items() if v is not None}
-            report = merge(args.config, args.out, overwrite=args.overwrite, quiet=args.quiet, **overrides)
+            report = merge(args.config, args.out, overwrite=args.overwrite, quiet=args.quiet,
+                           distributed=args.distributed, **overrides)
             print(report)
         elif args.command == "emr":
             from pymerge.emr import reconstruct

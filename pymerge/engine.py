@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import queue
 import resource
 import threading
@@ -29,6 +30,7 @@ from pymerge import __version__, backends
 from pymerge.config import MergeConfig, layer_index, load_config
 from pymerge.errors import InputMismatchError, MergeError, NonFiniteError
 from pymerge.align.apply import load_permutation_file, permuted_tensor
+from pymerge.distributed import Group, join
 from pymerge.io import CheckpointReader, CheckpointWriter
 from pymerge.methods import get_method
 
@@ -51,12 +53,15 @@ class MergeReport:
     device: str
     backends: dict[str, int] = field(default_factory=dict)
     resumed_tensors: int = 0
+    rank: int = 0
+    world_size: int = 1
 
     def __str__(self) -> str:
         used = ", ".join(f"{b} ({n} ops)" for b, n in sorted(self.backends.items())) or "none"
         gbs = self.bytes_read / max(self.seconds, 1e-9) / 1e9
+        who = f"rank {self.rank}/{self.world_size}: " if self.world_size > 1 else ""
         return (
-            f"merged {self.tensors} tensors with {self.method} in {self.seconds:.2f} s "
+            f"{who}merged {self.tensors} tensors with {self.method} in {self.seconds:.2f} s "
             f"({self.bytes_read / 1e6:.1f} MB read, {gbs:.2f} GB/s; {self.bytes_written / 1e6:.1f} MB written) "
             f"on {self.device}; backends: {used}; peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB -> {self.out_dir}"
         )
@@ -73,40 +78,68 @@ class _Plan:
 
 
 def merge(config: MergeConfig | dict | str | Path, out_dir: str | Path, *, overwrite: bool = False,
-          quiet: bool = True, prefetch_bytes: int | None = None, **options: Any) -> MergeReport:
+          quiet: bool = True, prefetch_bytes: int | None = None, distributed: bool = False,
+          **options: Any) -> MergeReport:
     """Merge the models a config names into `out_dir`.
 
     `config` is a MergeConfig, a dict or the path of a (mergekit-style) YAML file.
     `options` override the config's own keys: device, backend, out_shard_size,
     allow_nonfinite, seed, out_dtype. `prefetch_bytes` bounds the bytes read ahead.
+    `distributed=True` runs this call on every rank of a torchrun job, each rank merging
+    and writing its share of the output shards (see pymerge.distributed); the result is
+    the single-process one, bit for bit. The report is this rank's.
     """
     cfg = config if isinstance(config, MergeConfig) else load_config(config)
     if options:
         cfg = cfg.with_overrides(**options)
-    return _Merge(cfg, Path(out_dir), overwrite=overwrite, quiet=quiet, prefetch_bytes=prefetch_bytes).run()
+    group = join(cfg.device) if distributed else Group()
+    return _Merge(cfg, Path(out_dir), overwrite=overwrite, quiet=quiet, prefetch_bytes=prefetch_bytes, group=group).run()
+
+
+# Shards per rank a distributed run aims for, so the byte balance is even.
+_SHARDS_PER_RANK = 4
 
 
 class _Merge:
-    def __init__(self, cfg: MergeConfig, out_dir: Path, *, overwrite: bool, quiet: bool, prefetch_bytes: int | None):
+    def __init__(self, cfg: MergeConfig, out_dir: Path, *, overwrite: bool, quiet: bool, prefetch_bytes: int | None,
+                 group: Group | None = None):
         self.cfg = cfg
         self.out_dir = out_dir
         self.overwrite = overwrite
-        self.quiet = quiet
+        self.group = group or Group()
+        self.quiet = quiet or self.group.rank != 0
         self.device = torch.device(cfg.device)
+        if self.group.distributed:
+            self._share_machine()
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise MergeError(f"device {cfg.device!r}: CUDA is not available here")
         self.method_cls = get_method(cfg.merge_method)
         self.prefetch_bytes = prefetch_bytes
         self.bytes_read = 0
         self.backend_counts: Counter[str] = Counter()
+        self.base: CheckpointReader | None = None
+        self.models: list[CheckpointReader] = []
 
     # --- set-up ---------------------------------------------------------------------------
+    def _share_machine(self) -> None:
+        """One GPU per rank; CPU ranks on one host split its cores between them."""
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", self.group.local_rank)
+            return
+        threads = max(1, (os.cpu_count() or 1) // self.group.local_world_size)
+        torch.set_num_threads(threads)
+        if backends.implements("cpu", "weighted_sum"):
+            from pymerge.backends import cpu
+
+            cpu.set_num_threads(threads)
+
     def _open(self) -> None:
         uses_base = self.method_cls.needs_base
         if uses_base and not self.cfg.base_model:
             raise MergeError(f"merge_method {self.cfg.merge_method} needs a base_model")
         self.base = CheckpointReader(self.cfg.base_model) if uses_base else None
-        self.models = [CheckpointReader(m.model) for m in self.cfg.models]
+        for m in self.cfg.models:
+            self.models.append(CheckpointReader(m.model))  # one by one: _close closes those opened
         self.labels = [m.model for m in self.cfg.models]
         self.permutations = [_load_permutations(m.permutations) if m.permutations else None for m in self.cfg.models]
 
@@ -224,61 +257,102 @@ class _Merge:
 
     def run(self) -> MergeReport:
         start = time.perf_counter()
-        self._open()
-        writer = None
+        self.writer = None
         try:
-            self.plan = self._make_plan()
-            self.method = self.method_cls(
-                self.cfg,
-                self.plan.merged,
-                lambda n: self.cfg.tensor_params(n, self.plan.num_layers),
-                self._out_dtype,
-            )
-            self.method.inputs_planned(self.plan.order, self.plan.copied, self.plan.task_specific)
-            outputs_of = self._output_plan()
-            outputs = [o for outs in outputs_of.values() for o in outs]
-            writer = CheckpointWriter(
-                self.out_dir,
-                outputs,
-                max_shard_bytes=self.cfg.out_shard_size,
-                fingerprint=self._fingerprint(),
-                overwrite=self.overwrite,
-            )
-            done = writer.completed_names()
-            merged_names = list(self.plan.merged)
+            self._step("planning", self._prepare)
             for p in range(self.method.passes):
-                for name, (base, tensors) in self._stream(merged_names, self._load_merged, f"statistics {p + 1}/{self.method.passes}"):
-                    self._call(self.method.observe, p, name, base, tensors)
-                self.method.end_pass(p)
-            written = self._merge_pass(writer, outputs_of, done)
-            sink_bytes = sum(_nbytes(s, d) for n, s, d in outputs)
-            ref = self.plan.ref
-            cfg_json = _updated_config(ref.config(), self.cfg.out_dtype)
-            writer.finalize(cfg_json, self._tokenizer_files(), self.method.extra_files())
+                self._step(f"statistics pass {p + 1}", lambda: self._statistics_pass(p))
+                if self.group.distributed:
+                    self.method.reduce_statistics(p, self.group.reduce)
+                self._step(f"statistics pass {p + 1}", lambda: self.method.end_pass(p))
+            written = self._step("the merge pass", self._merge_pass)
+            if self.group.distributed:
+                self.method.reduce_merge_statistics(self.group.reduce, self.stat_names)
+            self._step("finalizing", self._finalize)
         except BaseException:
-            if writer is not None:
-                writer.abort()
+            if self.writer is not None:
+                self.writer.abort()
             raise
         finally:
             self._close()
+        mine = [o for o in self.outputs if self.writer.owner_of(o[0]) == self.group.rank]
         return MergeReport(
             out_dir=self.out_dir,
             method=self.cfg.merge_method,
-            tensors=len(outputs),
+            tensors=len(mine),
             bytes_read=self.bytes_read,
-            bytes_written=sink_bytes,
+            bytes_written=sum(_nbytes(s, d) for n, s, d in mine),
             seconds=time.perf_counter() - start,
             peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             device=str(self.device),
             backends=dict(self.backend_counts),
-            resumed_tensors=len(outputs) - written,
+            resumed_tensors=len(mine) - written,
+            rank=self.group.rank,
+            world_size=self.group.world_size,
         )
 
-    def _merge_pass(self, writer: CheckpointWriter, outputs_of, done: set[str]) -> int:
-        """Stream every tensor name through the method (or copy it) into the writer."""
-        outs_of = {name: [o[0] for o in outs] for name, outs in outputs_of.items()}
-        sees_all = self.method.merge_sees_all
-        todo = [n for n in self.plan.order if sees_all and n in self.plan.merged or any(o not in done for o in outs_of[n])]
+    def _step(self, step: str, fn: Callable[[], Any]) -> Any:
+        """Run one step; then every rank learns whether any rank failed in it (and stops if so)."""
+        result, error = None, None
+        try:
+            result = fn()
+        except BaseException as exc:
+            error = exc
+        self.group.check(error, step)
+        return result
+
+    def _prepare(self) -> None:
+        self._open()
+        self.plan = self._make_plan()
+        self.method = self.method_cls(
+            self.cfg,
+            self.plan.merged,
+            lambda n: self.cfg.tensor_params(n, self.plan.num_layers),
+            self._out_dtype,
+        )
+        self.method.inputs_planned(self.plan.order, self.plan.copied, self.plan.task_specific)
+        self.outputs_of = self._output_plan()
+        self.outputs = [o for outs in self.outputs_of.values() for o in outs]
+        self.writer = CheckpointWriter(
+            self.out_dir,
+            self.outputs,
+            max_shard_bytes=self._shard_bytes(),
+            fingerprint=self._fingerprint(),
+            overwrite=self.overwrite,
+            rank=self.group.rank,
+            world_size=self.group.world_size,
+        )
+        # Each merged tensor's statistics come from the rank that writes its first output.
+        first = {name: outs[0][0] for name, outs in self.outputs_of.items()}
+        self.stat_names = [n for n in self.plan.merged if self.writer.owner_of(first[n]) == self.group.rank]
+
+    def _shard_bytes(self) -> int:
+        """The configured shard size; smaller in a distributed run, so every rank gets a few shards."""
+        limit = self.cfg.out_shard_size
+        if self.group.distributed:
+            total = sum(_nbytes(s, d) for _, s, d in self.outputs)
+            limit = min(limit, max(1, -(-total // (_SHARDS_PER_RANK * self.group.world_size))))
+        return limit
+
+    def _statistics_pass(self, p: int) -> None:
+        desc = f"statistics {p + 1}/{self.method.passes}"
+        for name, (base, tensors) in self._stream(self.stat_names, self._load_merged, desc):
+            self._call(self.method.observe, p, name, base, tensors)
+
+    def _finalize(self) -> None:
+        if self.group.rank != 0:
+            return
+        cfg_json = _updated_config(self.plan.ref.config(), self.cfg.out_dtype)
+        self.writer.finalize(cfg_json, self._tokenizer_files(), self.method.extra_files())
+
+    def _merge_pass(self) -> int:
+        """Stream every tensor name this rank writes through the method (or copy it) into the writer."""
+        outs_of = {name: [o[0] for o in outs] for name, outs in self.outputs_of.items()}
+        pending = set(self.writer.pending_names())
+        # A method that accumulates statistics in `merge` sees every tensor it owns, even
+        # those a resumed run does not write again.
+        sees_all = set(self.stat_names) if self.method.merge_sees_all else set()
+        todo = [n for n in self.plan.order if n in sees_all or any(o in pending for o in outs_of[n])]
 
         def load(name):
             if name in self.plan.merged:
@@ -288,7 +362,7 @@ class _Merge:
             return self._read(self.plan.ref, name, str(self.plan.ref.path))
 
         written = 0
-        with _BackgroundWriter(writer) as sink:
+        with _BackgroundWriter(self.writer) as sink:
             for name, item in self._stream(todo, load, "merge"):
                 if name in self.plan.merged:
                     results = self._call(self.method.merge, name, *item)
@@ -297,9 +371,10 @@ class _Merge:
                 else:
                     results = {self.method_cls.copy_prefix + name: item}
                 for out_name in outs_of[name]:
-                    if out_name not in done:
+                    if out_name in pending:
                         sink.put(out_name, results[out_name])
                         written += 1
+        self.writer.finish_shards()
         return written
 
     def _tokenizer_files(self) -> list[Path]:

@@ -24,6 +24,7 @@ from typing import Any, BinaryIO, Iterable, Sequence
 
 import torch
 
+from pymerge.distributed import assign_shards
 from pymerge.errors import CheckpointError, OutputError
 from pymerge.io.reader import (
     BIN_INDEX,
@@ -191,6 +192,8 @@ class CheckpointWriter:
         max_shard_bytes: int = 5 * 10**9,
         fingerprint: str,
         overwrite: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
     ):
         if not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
             raise ValueError(f"max_shard_bytes must be a positive integer, got {max_shard_bytes!r}")
@@ -203,6 +206,7 @@ class CheckpointWriter:
         self.max_shard_bytes = max_shard_bytes
         self._plan = _normalize_plan(plan)
         self._plan_hash = _plan_hash(self._plan, max_shard_bytes)
+        self._index = {e.name: i for i, e in enumerate(self._plan)}
 
         groups = shard_plan([e.nbytes for e in self._plan], max_shard_bytes)
         n = len(groups)
@@ -214,6 +218,13 @@ class CheckpointWriter:
             self._shards.append(shard)
             for i in idx:
                 self._shard_of[i] = s
+        # Several processes may write one checkpoint: each writes the shards assigned to
+        # its rank, and rank 0 finalizes once the others are done.
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside [0, {world_size})")
+        self.rank, self.world_size = rank, world_size
+        self._owner = assign_shards([s.data_bytes for s in self._shards], world_size)
+        self._progress_file = PROGRESS_FILE if world_size == 1 else f"progress-{rank}-of-{world_size}.json"
 
         self._done: dict[str, dict[str, Any]] = {}  # shard filename -> {"size", "sha256"}
         self._file: BinaryIO | None = None
@@ -231,8 +242,14 @@ class CheckpointWriter:
         self._guard(lambda: self.out_dir.mkdir(parents=True, exist_ok=True), self.out_dir)
         self._load_progress()
 
-        self._pending = [i for i, _ in enumerate(self._plan) if self._shards[self._shard_of[i]].filename not in self._done]
+        self._pending = [
+            i for i, _ in enumerate(self._plan)
+            if self._owns(self._shard_of[i]) and self._shards[self._shard_of[i]].filename not in self._done
+        ]
         self._cursor = 0
+
+    def _owns(self, shard: int) -> bool:
+        return self._owner[shard] == self.rank
 
     # -- public API ------------------------------------------------------------------------
 
@@ -245,6 +262,10 @@ class CheckpointWriter:
     def total_size(self) -> int:
         """Sum of tensor bytes, as recorded in the index's metadata.total_size."""
         return sum(e.nbytes for e in self._plan)
+
+    def owner_of(self, name: str) -> int:
+        """The rank that writes output tensor `name` (always 0 in a single-process run)."""
+        return self._owner[self._shard_of[self._index[name]]]
 
     def completed_names(self) -> set[str]:
         """Tensors already written and verified by an earlier run; skip them."""
@@ -288,6 +309,25 @@ class CheckpointWriter:
         if idx == shard.entries[-1]:
             self._finish_shard(shard)
 
+    def finish_shards(self) -> None:
+        """Complete this rank's shards. Every rank but 0 stops here; rank 0 goes on to finalize."""
+        with self._lock:
+            self._finish_shards()
+            if self.rank != 0:
+                self._finished = True
+
+    def _finish_shards(self) -> None:
+        if self._finished or self._aborted:
+            raise ValueError(f"writer for {self.out_dir} is already {'finalized' if self._finished else 'aborted'}")
+        if self._cursor < len(self._pending):
+            missing = self._plan[self._pending[self._cursor]].name
+            raise ValueError(f"finalize called before every tensor was added (next expected: {missing!r})")
+        # Only an empty plan has a shard with no tensors; it never went through add().
+        for s, shard in enumerate(self._shards):
+            if self._owns(s) and shard.filename not in self._done:
+                self._begin_shard(shard)
+                self._finish_shard(shard)
+
     def finalize(
         self,
         config: dict[str, Any] | None,
@@ -308,16 +348,19 @@ class CheckpointWriter:
         copy_files: Iterable[str | os.PathLike],
         extra_files: dict[str, bytes] | None,
     ) -> None:
-        if self._finished or self._aborted:
-            raise ValueError(f"writer for {self.out_dir} is already {'finalized' if self._finished else 'aborted'}")
-        if self._cursor < len(self._pending):
-            missing = self._plan[self._pending[self._cursor]].name
-            raise ValueError(f"finalize called before every tensor was added (next expected: {missing!r})")
-        # Only an empty plan has a shard with no tensors; it never went through add().
-        for shard in self._shards:
-            if shard.filename not in self._done:
-                self._begin_shard(shard)
-                self._finish_shard(shard)
+        if self.rank != 0:
+            raise ValueError(f"rank {self.rank} does not finalize: call finish_shards(); rank 0 finalizes")
+        self._finish_shards()
+        for s, shard in enumerate(self._shards):
+            if not self._owns(s):
+                path = self.partial_dir / shard.filename
+                expected = len(shard.header(self._plan)) + shard.data_bytes
+                size = path.stat().st_size if path.is_file() else None
+                if size != expected:
+                    raise OutputError(
+                        f"shard {shard.filename} of rank {self._owner[s]} is "
+                        f"{'missing' if size is None else f'{size} bytes, not {expected}'} in {self.partial_dir}"
+                    )
 
         staged: list[str] = []
         shard_names = [s.filename for s in self._shards]
@@ -394,32 +437,44 @@ class CheckpointWriter:
             )
 
     def _load_progress(self) -> None:
-        progress_path = self.partial_dir / PROGRESS_FILE
-        keep: set[str] = {PROGRESS_FILE}
+        progress_path = self.partial_dir / self._progress_file
+        keep: set[str] = {self._progress_file}
         if self.partial_dir.is_dir():
             try:
                 progress = json.loads(progress_path.read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 progress = None
-            if (
+            valid = (
                 isinstance(progress, dict)
                 and progress.get("version") == _MANIFEST_VERSION
                 and progress.get("fingerprint") == self.fingerprint
                 and progress.get("plan_hash") == self._plan_hash
                 and isinstance(progress.get("shards"), dict)
-            ):
-                for shard in self._shards:
+            )
+            if valid:
+                for s, shard in enumerate(self._shards):
                     rec = progress["shards"].get(shard.filename)
-                    if isinstance(rec, dict) and self._verify_shard(shard, rec):
+                    if self._owns(s) and isinstance(rec, dict) and self._verify_shard(shard, rec):
                         self._done[shard.filename] = {"size": rec["size"], "sha256": rec["sha256"]}
                         keep.add(shard.filename)
+            if self.world_size > 1:
+                # The folder is shared: a rank clears only the files of its own shards.
+                mine = {self._progress_file} | {
+                    f for s, shard in enumerate(self._shards) if self._owns(s)
+                    for f in (shard.filename, shard.filename + _PARTIAL_SUFFIX)
+                }
+                stale = [self.partial_dir / f for f in sorted(mine - keep)]
+            elif valid:
                 # Anything else (an interrupted .partial, a shard that failed verification,
                 # files staged by an interrupted finalize) is rebuilt.
-                for f in self.partial_dir.iterdir():
-                    if f.name not in keep:
-                        self._guard(lambda f=f: shutil.rmtree(f) if f.is_dir() and not f.is_symlink() else f.unlink(), f)
+                stale = [f for f in self.partial_dir.iterdir() if f.name not in keep]
             else:
-                self._guard(lambda: shutil.rmtree(self.partial_dir), self.partial_dir)
+                stale = [self.partial_dir]
+            for f in stale:
+                if f.is_dir() and not f.is_symlink():
+                    self._guard(lambda f=f: shutil.rmtree(f), f)
+                elif f.exists() or f.is_symlink():
+                    self._guard(f.unlink, f)
         self._guard(lambda: self.partial_dir.mkdir(exist_ok=True), self.partial_dir)
         self._save_progress()
 
@@ -441,7 +496,7 @@ class CheckpointWriter:
             "shards": self._done,
         }
         self._write_file(
-            self.partial_dir / PROGRESS_FILE,
+            self.partial_dir / self._progress_file,
             (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode("utf-8"),
         )
 

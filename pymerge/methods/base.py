@@ -49,6 +49,20 @@ class MergeMethod:
     def end_pass(self, pass_index: int) -> None:
         pass
 
+    # --- distributed runs: each rank saw a share of the tensors ----------------------------
+    def reduce_statistics(self, pass_index: int, reduce) -> None:
+        """Combine this pass's statistics over all ranks, before end_pass.
+
+        reduce(tensor, op="sum" | "max") returns the element-wise reduction over ranks. The
+        result must equal what one process streaming every tensor would hold, bit for bit:
+        reduce integer counts, or values with one contributing rank per slot.
+        """
+        if self.passes:
+            raise NotImplementedError(f"{self.name}: statistics passes need reduce_statistics for a distributed run")
+
+    def reduce_merge_statistics(self, reduce, owned: list[str]) -> None:
+        """Combine statistics `merge` gathered (owned: the names whose values this rank contributes)."""
+
     # --- the merge pass -----------------------------------------------------------------
     def output_plan(self, name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
         """The output tensors this method writes for one merged input tensor, in order."""

@@ -14,7 +14,7 @@ import json
 import torch
 
 from pymerge import ops
-from pymerge.methods.base import MergeMethod
+from pymerge.methods.base import MergeMethod, numel
 from pymerge.ops.reference.emr import emr_rescalers
 
 EMR_FORMAT = "pymerge-emr"
@@ -59,6 +59,20 @@ class Emr(MergeMethod):
         e = ops.emr_elect(base, tensors, zero_sign=self.zero_sign, out_dtype=od, backend=self.backend)
         self.sums[name] = (e.abs_tau_sum, e.abs_masked_u_sum, e.numel)
         return {f"base:{name}": base.to(od), f"u:{name}": e.u, f"masks:{name}": e.masks}
+
+    def reduce_merge_statistics(self, reduce, owned):
+        # One contributing rank per row, so the sums arrive exactly as computed.
+        n = len(self.config.models)
+        names = list(self.merged)
+        rows = torch.zeros(len(names), 2 * n, dtype=torch.float64)
+        mine = set(owned)
+        for k, name in enumerate(names):
+            if name in mine:
+                rows[k, :n] = torch.as_tensor(self.sums[name][0], dtype=torch.float64)
+                rows[k, n:] = torch.as_tensor(self.sums[name][1], dtype=torch.float64)
+        rows = reduce(rows)
+        for k, name in enumerate(names):
+            self.sums[name] = (rows[k, :n], rows[k, n:], numel(self.merged[name]))
 
     def lambdas(self) -> list[float]:
         stats = [self.sums[n] for n in self.merged]

@@ -70,6 +70,12 @@ class Pcb(MergeMethod):
             self.clip.add_histogram(lo_s, h_lo, keys="abs", count=t.numel())
             self.clip.add_histogram(hi_s, h_hi, keys="abs", count=t.numel())
 
+    def reduce_statistics(self, pass_index, reduce):
+        (self.clip if pass_index < 2 else self.scores).reduce(reduce)
+        if pass_index == 2:
+            # fp32 values held exactly as fp64; max is order-free
+            self.score_max = reduce(torch.tensor(self.score_max, dtype=torch.float64), "max").tolist()
+
     def end_pass(self, pass_index):
         (self.clip if pass_index < 2 else self.scores).next_phase()
         if pass_index == 1:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from pymerge import ops
 from pymerge.errors import ConfigError
 from pymerge.methods.base import MergeMethod, model_constant, numel
@@ -56,6 +58,13 @@ class Ties(MergeMethod):
                     self.select.add_histogram(stream, h, keys="abs", count=tensors[i].numel())
         else:
             self.sign_total += int(ops.ties_sign_sum(base, tensors, self.thresholds, backend=self.backend))
+
+    def reduce_statistics(self, pass_index, reduce):
+        if pass_index < 2:
+            if self.select is not None:
+                self.select.reduce(reduce)
+        else:
+            self.sign_total = int(reduce(torch.tensor([self.sign_total], dtype=torch.int64))[0])
 
     def end_pass(self, pass_index):
         if pass_index < 2 and self.select is not None:

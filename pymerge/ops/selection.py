@@ -265,6 +265,21 @@ class RadixSelect:
         else:
             self._hist[stream] += h.to(self._hist[stream].device)
 
+    def reduce(self, reduce) -> None:
+        """Sum the current phase's histograms and counts over the ranks of a distributed run.
+
+        reduce(tensor) returns the element-wise sum over ranks; int64 sums are exact, so the
+        selection ends as if one process had streamed every rank's values.
+        """
+        if self.done:
+            raise ValueError("selection is done; nothing to reduce")
+        zeros = torch.zeros(RADIX_BINS, dtype=torch.int64)
+        hist = torch.stack([zeros if h is None else h.to("cpu", torch.int64) for h in self._hist])
+        counts = reduce(torch.tensor(self._count, dtype=torch.int64))
+        hist = reduce(hist)
+        self._hist = [h.clone() for h in hist.unbind(0)]
+        self._count = [int(c) for c in counts.tolist()]
+
     def _check_stream(self, stream: int) -> None:
         if isinstance(stream, bool) or not isinstance(stream, int) or not 0 <= stream < self.n_streams:
             raise ValueError(f"stream must be in [0, {self.n_streams}), got {stream!r}")
