@@ -374,3 +374,36 @@ def test_context_manager_aborts_on_error(tmp_path):
             raise RuntimeError("merge failed")
     assert [p.name for p in out.iterdir()] == [PARTIAL_DIR]
     assert not list((out / PARTIAL_DIR).glob("*.partial"))
+
+
+def _rank_writer(out, tensors, rank, world, **kw):
+    w = CheckpointWriter(out, _plan(tensors), fingerprint="fp", max_shard_bytes=128, rank=rank, world_size=world, **kw)
+    for k in w.pending_names():
+        w.add(k, tensors[k])
+    return w
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_write_their_shards_and_rank0_finalizes_the_same_checkpoint(tmp_path, world):
+    t = _model(n=9)
+    _write(tmp_path / "single", t, config={"a": 1}, max_shard_bytes=128)
+    out = tmp_path / "out"
+    writers = [_rank_writer(out, t, r, world) for r in range(world)]
+    owners = {writers[0].owner_of(k) for k in t}
+    assert owners == set(range(world))  # every rank has a share
+    for w in writers[1:]:
+        w.finish_shards()
+        with pytest.raises(ValueError, match="does not finalize"):
+            w.finalize({"a": 1})
+    assert not (out / "model-00001-of-00005.safetensors").exists()  # nothing installed yet
+    writers[0].finalize({"a": 1})
+    assert _files(out) == _files(tmp_path / "single")
+
+
+def test_rank0_refuses_to_finalize_without_every_rank_shard(tmp_path):
+    t = _model(n=8)
+    out = tmp_path / "out"
+    w0 = _rank_writer(out, t, 0, 2)
+    with pytest.raises(OutputError, match="of rank 1 is missing"):
+        w0.finalize(None)
+    assert [p.name for p in out.iterdir()] == [PARTIAL_DIR]
