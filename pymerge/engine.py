@@ -29,7 +29,7 @@ import torch
 from pymerge import __version__, backends
 from pymerge.config import MergeConfig, layer_index, load_config
 from pymerge.errors import InputMismatchError, MergeError, NonFiniteError
-from pymerge.align.apply import load_permutation_file, permuted_tensor
+from pymerge.align.apply import load_permutation_file, permute_tensor, tensor_maps
 from pymerge.distributed import Group, join
 from pymerge.io import CheckpointReader, CheckpointWriter
 from pymerge.methods import get_method
@@ -142,6 +142,7 @@ class _Merge:
             self.models.append(CheckpointReader(m.model))  # one by one: _close closes those opened
         self.labels = [m.model for m in self.cfg.models]
         self.permutations = [_load_permutations(m.permutations) if m.permutations else None for m in self.cfg.models]
+        self.src_heads = [_source_heads(m.permutations, pf, r) for m, pf, r in zip(self.cfg.models, self.permutations, self.models)]
 
     def _close(self) -> None:
         for r in [self.base, *self.models]:
@@ -169,6 +170,8 @@ class _Merge:
                 problems.append(f"{name}: not a float tensor in {', '.join(not_float)}")
                 continue
             shapes = [tuple(r.shape(name)) for r in readers]
+            if len(set(shapes)) > 1 and self.permutations and any(self.permutations):
+                shapes = self._mapped_shapes(name, shapes)
             if len(set(shapes)) > 1:
                 if self.method_cls.keeps_task_specific:
                     task_specific.append(name)
@@ -216,13 +219,41 @@ class _Merge:
 
     # --- streaming ------------------------------------------------------------------------
     def _load_merged(self, name: str):
+        """(base, tensors, maps): maps is None, or per model one index map (or None) per axis.
+
+        A method that fuses permutations (linear) gets the tensors as stored and the maps, and
+        averages in one permute_average; for the others each tensor is re-indexed as it is read.
+        Either way a permuted copy of a model never exists.
+        """
         base = self._read(self.base, name, "base_model") if self.base is not None else None
         tensors = [self._read(r, name, lab) for r, lab in zip(self.models, self.labels)]
+        if not any(self.permutations):
+            return base, tensors, None
+        maps = [self._maps(i, name, t.dim()) for i, t in enumerate(tensors)]
+        if self.method_cls.fuses_permutations:
+            return base, tensors, maps
+        return base, [permute_tensor(t, m).contiguous() for t, m in zip(tensors, maps)], None
+
+    def _maps(self, model: int, name: str, ndim: int) -> list[torch.Tensor | None]:
+        pf = self.permutations[model]
+        if pf is None:
+            return [None] * ndim
+        return tensor_maps(pf.spec, pf.perms, name, ndim, src_heads=self.src_heads[model])
+
+    def _mapped_shapes(self, name: str, shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+        """Shapes after the permutation files' maps: partial maps bring other widths to the base's."""
+        offset = len(shapes) - len(self.models)
+        out = list(shapes)
         for i, pf in enumerate(self.permutations):
             if pf is not None:
-                # one tensor re-indexed at a time: never a permuted copy of the model
-                tensors[i] = permuted_tensor(name, tensors[i], pf.spec, pf.perms)
-        return base, tensors
+                maps = self._maps(i, name, len(shapes[offset + i]))
+                out[offset + i] = tuple(s if m is None else int(m.shape[0]) for s, m in zip(shapes[offset + i], maps))
+        if len(set(out)) == 1 and len(set(shapes)) > 1 and not self.method_cls.fuses_permutations:
+            raise MergeError(
+                f"{name}: models of different widths merge with merge_method: linear only (a partial map leaves "
+                f"units without a donor, which {self.cfg.merge_method} would read as zeros)"
+            )
+        return out
 
     def _read(self, reader: CheckpointReader, name: str, label: str) -> torch.Tensor:
         t = reader.get(name)
@@ -336,7 +367,7 @@ class _Merge:
 
     def _statistics_pass(self, p: int) -> None:
         desc = f"statistics {p + 1}/{self.method.passes}"
-        for name, (base, tensors) in self._stream(self.stat_names, self._load_merged, desc):
+        for name, (base, tensors, _) in self._stream(self.stat_names, self._load_merged, desc):
             self._call(self.method.observe, p, name, base, tensors)
 
     def _finalize(self) -> None:
@@ -365,7 +396,11 @@ class _Merge:
         with _BackgroundWriter(self.writer) as sink:
             for name, item in self._stream(todo, load, "merge"):
                 if name in self.plan.merged:
-                    results = self._call(self.method.merge, name, *item)
+                    base, tensors, maps = item
+                    if maps is None:
+                        results = self._call(self.method.merge, name, base, tensors)
+                    else:
+                        results = self._call(self.method.merge_aligned, name, base, tensors, maps)
                 elif name in self.plan.task_specific:
                     results = {f"task{i}:{name}": t for i, t in enumerate(item)}
                 else:
@@ -397,6 +432,18 @@ def _load_permutations(path: str):
     if pf.spec is None:
         raise MergeError(f"permutations {path}: the file holds no permutation spec; write it with `pymerge align`")
     return pf
+
+
+def _source_heads(path: str, pf, reader: CheckpointReader):
+    """The model's own head counts: a model with other widths maps onto the base's heads."""
+    if pf is None or not pf.spec.heads:
+        return None
+    from pymerge.align.widths import infer_heads
+
+    try:
+        return infer_heads(pf.spec, {n: reader.shape(n) for n in reader.names()})
+    except ValueError as exc:
+        raise MergeError(f"permutations {path} do not fit {reader.path}: {exc}") from exc
 
 
 def _nbytes(shape, dtype) -> int:

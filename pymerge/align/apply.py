@@ -28,6 +28,7 @@ __all__ = [
     "permuted_tensor",
     "permute_state_dict",
     "aligned_tensor",
+    "average_with_maps",
     "aligned_average",
     "iter_aligned_average",
     "save_permutations",
@@ -133,8 +134,9 @@ def _flatten_maps(shape: Sequence[int], maps: Sequence[torch.Tensor | None]) -> 
     return torch.where(valid, idx, -1).reshape(-1)
 
 
-def _average_one(tensors: list[torch.Tensor], coeffs: list[float], maps: list[list[torch.Tensor | None]], *,
-                 normalize_coverage: bool, out_dtype: torch.dtype | None, backend: str) -> torch.Tensor:
+def average_with_maps(tensors: list[torch.Tensor], coeffs: list[float], maps: list[list[torch.Tensor | None]], *,
+                      normalize_coverage: bool, out_dtype: torch.dtype | None, backend: str) -> torch.Tensor:
+    """sum_i c_i * tensors[i] re-indexed by maps[i] (one index map or None per axis), as one permute_average."""
     ndim = tensors[0].dim()
     if ndim <= 2:
         ts = [t.reshape(1) if ndim == 0 else t for t in tensors]
@@ -222,8 +224,8 @@ def aligned_tensor(
     maps = [[None] * b.dim()]
     for i, p in enumerate(perms):
         maps.append(tensor_maps(spec, p or {}, name, tensors[i + 1].dim(), src_heads=src_heads[i]))
-    return _average_one(list(tensors), [float(c) for c in coeffs], maps, normalize_coverage=normalize_coverage,
-                        out_dtype=out_dtype, backend=backend)
+    return average_with_maps(list(tensors), [float(c) for c in coeffs], maps, normalize_coverage=normalize_coverage,
+                             out_dtype=out_dtype, backend=backend)
 
 
 def aligned_average(

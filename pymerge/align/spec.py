@@ -297,8 +297,9 @@ class PermutationSpec:
             else:
                 if tuple(x.shape) != shape:
                     raise ValueError(f"permutation {key}: shape {tuple(x.shape)}, expected {shape}")
-                is_heads = key.endswith(".heads")
-                _check_perm_rows(key, x, shape[-1], partial and is_heads)
+                # partial maps: plain permutations and whole heads; within-head parts stay permutations
+                whole_units = key.endswith(".heads") or key in self.perm_axes
+                _check_perm_rows(key, x, shape[-1], partial and whole_units)
         if complete:
             absent = [k for k in variables if k not in perms]
             if absent:

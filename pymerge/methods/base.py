@@ -25,6 +25,9 @@ class MergeMethod:
     # True to keep, per model, float tensors whose shapes differ between models
     # (task heads) instead of rejecting them.
     keeps_task_specific: ClassVar[bool] = False
+    # True when the method merges permuted models itself through index maps (merge_aligned),
+    # in one fused pass, instead of seeing each tensor already re-indexed.
+    fuses_permutations: ClassVar[bool] = False
 
     def __init__(self, config, merged: dict[str, tuple[int, ...]], tensor_params, out_dtype_of):
         """config: MergeConfig; merged: name -> shape of every merged tensor, in order;
@@ -69,6 +72,11 @@ class MergeMethod:
         return [(name, shape, self.out_dtype_of(name))]
 
     def merge(self, name: str, base, tensors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def merge_aligned(self, name: str, base, tensors: list[torch.Tensor], maps) -> dict[str, torch.Tensor]:
+        """merge() of models given in their own coordinates: maps[i] holds one index map (or None)
+        per axis of tensors[i] into the output's coordinates, -1 for "no unit here"."""
         raise NotImplementedError
 
     def extra_files(self) -> dict[str, bytes]:
