@@ -119,6 +119,12 @@ _METHODS: dict[str, _Method] = {
         per_model={"weight": 1.0},
         options={"zero_sign": "neg", "rescale_scope": "tensor_mean_sum"},
     ),
+    # layer slices of other models, stacked (mergekit's passthrough); or one model, copied
+    "passthrough": _Method(
+        needs_base=False,
+        per_model={},
+        options={},
+    ),
     "pcb": _Method(
         per_model={"weight": 1.0},
         options={
@@ -207,11 +213,11 @@ _TOP_LEVEL_KEYS = (
     "device",
     "out_shard_size",
     "allow_nonfinite",
+    "slices",
 )
 
 # mergekit keys that have a meaning pymerge does not implement: say so instead of "unknown"
 _UNSUPPORTED_MERGEKIT_KEYS = {
-    "slices": "layer slices are not supported; list whole models under 'models'",
     "modules": "multi-module configurations are not supported; list whole models under 'models'",
     "tokenizer": "the tokenizer block is not supported; use tokenizer_source: base or a model path",
     "chat_template": "chat templates are not supported; the tokenizer files are copied unchanged",
@@ -371,14 +377,14 @@ def _parse_setting(value: Any, path: str, rng: _Range) -> _Setting:
 # Layer index and position
 # ---------------------------------------------------------------------------------------
 
-_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks|block)\.(\d+)(?:\.|$)")
+LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks|block)\.(\d+)(?:\.|$)")
 
 
 def layer_index(tensor_name: str) -> int | None:
     """The layer of a tensor: the number right after the first component named
     layers, h, layer, blocks or block (`model.layers.3.mlp.up_proj.weight` -> 3);
     None for tensors outside the layer stack."""
-    m = _LAYER_RE.search(tensor_name)
+    m = LAYER_RE.search(tensor_name)
     return int(m.group(1)) if m else None
 
 
@@ -474,6 +480,15 @@ class ModelEntry:
     permutations: str | None = None
 
 
+@dataclass(frozen=True)
+class SliceEntry:
+    """Layers [start, end) of `model`, stacked after the previous slice's (passthrough)."""
+
+    model: str
+    start: int
+    end: int
+
+
 @dataclass
 class TensorParams:
     """The parameters of one tensor.
@@ -509,6 +524,7 @@ class MergeConfig:
     out_shard_size: int = _DEFAULT_SHARD_SIZE
     allow_nonfinite: bool = False
     models_raw: list[ModelEntry] = field(default_factory=list)  # `models` as written
+    slices: list[SliceEntry] = field(default_factory=list)  # passthrough's layer slices, in output order
     out_dtype_raw: Any = field(default=None, repr=False)  # `out_dtype` as written
     _global: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     _per_model: list[dict[str, _Setting]] = field(default_factory=list, repr=False, compare=False)
@@ -559,6 +575,13 @@ class MergeConfig:
                         f"models[{i}].model: {entry.model!r} is listed twice (also models[{j}])"
                     )
 
+        slices = _parse_slices(data.get("slices"), method_name, models_raw)
+        if method_name == "passthrough" and not slices and len(models_raw) != 1:
+            raise ConfigError(
+                f"models: passthrough copies one model or stacks layer slices; got {len(models_raw)} models "
+                "(list layer ranges under slices: [{sources: [{model: ..., layer_range: [0, 16]}]}, ...])"
+            )
+
         # the merged models: mergekit lists the base among the models; it is not a task vector
         if method.needs_base:
             if base_model is None:
@@ -577,7 +600,7 @@ class MergeConfig:
                     f"models: slerp interpolates exactly two models, base_model ({base_model}) and one "
                     f"other; got {len(kept)} other model(s): {names}"
                 )
-        elif not kept:
+        elif not kept and not slices:
             if method.needs_base:
                 raise ConfigError(
                     f"models: {method_name} needs at least one model besides base_model ({base_model})"
@@ -646,6 +669,7 @@ class MergeConfig:
             out_shard_size=out_shard_size,
             allow_nonfinite=allow_nonfinite,
             models_raw=models_raw,
+            slices=slices,
             out_dtype_raw=out_dtype_raw,
             _global=global_settings,
             _per_model=per_model_settings,
@@ -751,6 +775,8 @@ class MergeConfig:
                 entry["permutations"] = m.permutations
             models.append(entry)
         d["models"] = models
+        if self.slices:
+            d["slices"] = [{"sources": [{"model": s.model, "layer_range": [s.start, s.end]}]} for s in self.slices]
         if self.parameters:
             d["parameters"] = copy.deepcopy(self.parameters)
         if self.dtype is not None:
@@ -786,6 +812,48 @@ class MergeConfig:
 # ---------------------------------------------------------------------------------------
 
 
+def _parse_slices(raw: Any, method_name: str, models_raw: list[ModelEntry]) -> list[SliceEntry]:
+    if raw is None:
+        return []
+    if method_name != "passthrough":
+        raise ConfigError(f"slices: layer slices are stacked with merge_method: passthrough, not {method_name}")
+    if models_raw:
+        raise ConfigError("slices: give the models inside the slices, not also under models")
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError("slices: expected a non-empty list of {sources: [{model, layer_range}]} entries")
+    out = []
+    for k, item in enumerate(raw):
+        path = f"slices[{k}]"
+        if not isinstance(item, Mapping):
+            raise ConfigError(f"{path}: expected a mapping with sources, got {_show(item)}")
+        for key in item:
+            if key != "sources":
+                raise _unknown_key(_join(path, str(key)), key, ("sources",), "of a slice")
+        sources = item.get("sources")
+        if not isinstance(sources, list) or len(sources) != 1:
+            raise ConfigError(
+                f"{path}.sources: passthrough takes exactly one source per slice, got "
+                f"{len(sources) if isinstance(sources, list) else _show(sources)} (slices that merge several "
+                "sources are not supported; merge whole models under models:)"
+            )
+        src, spath = sources[0], f"{path}.sources[0]"
+        if not isinstance(src, Mapping):
+            raise ConfigError(f"{spath}: expected {{model, layer_range}}, got {_show(src)}")
+        for key in src:
+            if key not in ("model", "layer_range"):
+                raise _unknown_key(_join(spath, str(key)), key, ("model", "layer_range"), "of a slice source")
+        model = src.get("model")
+        if not isinstance(model, str) or not model:
+            raise ConfigError(f"{spath}.model: expected a model path, got {_show(model)}")
+        rng = src.get("layer_range")
+        if (not isinstance(rng, list) or len(rng) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in rng)
+                or not 0 <= rng[0] < rng[1]):
+            raise ConfigError(f"{spath}.layer_range: expected [start, end] with 0 <= start < end (end excluded), "
+                              f"got {_show(rng)}")
+        out.append(SliceEntry(model, rng[0], rng[1]))
+    return out
+
+
 def _parse_model_entry(item: Any, path: str) -> ModelEntry:
     if isinstance(item, str):
         if not item:
@@ -796,7 +864,7 @@ def _parse_model_entry(item: Any, path: str) -> ModelEntry:
     for k in item:
         if k not in _MODEL_ENTRY_KEYS:
             if k == "layer_range":
-                raise ConfigError(f"{path}.layer_range: layer slices are not supported; list whole models")
+                raise ConfigError(f"{path}.layer_range: layer ranges go under slices: (with merge_method: passthrough)")
             raise _unknown_key(_join(path, str(k)), k, _MODEL_ENTRY_KEYS, "of a model entry")
     model = item.get("model")
     if not isinstance(model, str) or not model:

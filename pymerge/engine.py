@@ -32,6 +32,7 @@ from pymerge.errors import InputMismatchError, MergeError, NonFiniteError
 from pymerge.align.apply import load_permutation_file, permute_tensor, tensor_maps
 from pymerge.distributed import Group, join
 from pymerge.io import CheckpointReader, CheckpointWriter
+from pymerge.io.slices import SlicedModel
 from pymerge.methods import get_method
 
 log = logging.getLogger("pymerge.engine")
@@ -138,6 +139,11 @@ class _Merge:
         if uses_base and not self.cfg.base_model:
             raise MergeError(f"merge_method {self.cfg.merge_method} needs a base_model")
         self.base = CheckpointReader(self.cfg.base_model) if uses_base else None
+        if self.cfg.slices:
+            self.models.append(SlicedModel(self.cfg.slices))  # read as one composed model
+            self.labels = [f"slices ({', '.join(sorted({s.model for s in self.cfg.slices}))})"]
+            self.permutations, self.src_heads = [None], [None]
+            return
         for m in self.cfg.models:
             self.models.append(CheckpointReader(m.model))  # one by one: _close closes those opened
         self.labels = [m.model for m in self.cfg.models]

@@ -478,7 +478,7 @@ def test_unknown_top_level_key_with_suggestion():
     msg = err(ties(merge_methd="ties"), "merge_methd", "did you mean 'merge_method'", "merge_method, base_model")
     assert "unknown key" in msg
     err(ties(out_dtyp="bf16"), "did you mean 'out_dtype'")
-    err(ties(slices=[]), "slices", "not supported")
+    err(ties(slices=[]), "slices", "passthrough, not ties")
     err(ties(tokenizer={"source": "base"}), "tokenizer", "not supported")
 
 
@@ -497,7 +497,7 @@ def test_unknown_parameter():
     err(ties(models=["base", {"model": "a", "parameters": {"normalize": True}}]), "models[1].parameters.normalize", "top-level parameters")
     err({"merge_method": "pcb", "base_model": "b", "models": [{"model": "a", "parameters": {"density": 0.3}}]},
         "models[0].parameters.density", "top-level parameters")
-    err(ties(models=["base", {"model": "a", "layer_range": [0, 32]}]), "models[1].layer_range", "not supported")
+    err(ties(models=["base", {"model": "a", "layer_range": [0, 32]}]), "models[1].layer_range", "go under slices")
     err(ties(models=["base", {"model": "a", "parameter": {}}]), "models[1].parameter", "did you mean 'parameters'")
 
 
