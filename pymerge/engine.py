@@ -28,12 +28,13 @@ import torch
 
 from pymerge import __version__, backends
 from pymerge.config import MergeConfig, layer_index, load_config
-from pymerge.errors import InputMismatchError, MergeError, NonFiniteError
+from pymerge.errors import InputMismatchError, MergeError
 from pymerge.align.apply import load_permutation_file, permute_tensor, tensor_maps
 from pymerge.distributed import Group, join
 from pymerge.io import CheckpointReader, CheckpointWriter
 from pymerge.io.slices import SlicedModel
 from pymerge.methods import get_method
+from pymerge.staging import HostStaging, staging_for
 
 log = logging.getLogger("pymerge.engine")
 
@@ -110,10 +111,14 @@ class _Merge:
         self.group = group or Group()
         self.quiet = quiet or self.group.rank != 0
         self.device = torch.device(cfg.device)
-        if self.group.distributed:
-            self._share_machine()
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise MergeError(f"device {cfg.device!r}: CUDA is not available here")
+        if self.group.distributed:
+            self._share_machine()
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.staging = staging_for(self.device)
+        self.host_staging = HostStaging(torch.device("cpu"))
         self.method_cls = get_method(cfg.merge_method)
         self.prefetch_bytes = prefetch_bytes
         self.bytes_read = 0
@@ -261,13 +266,11 @@ class _Merge:
             )
         return out
 
-    def _read(self, reader: CheckpointReader, name: str, label: str) -> torch.Tensor:
-        t = reader.get(name)
-        if t.is_floating_point() and not self.cfg.allow_nonfinite and t.numel() and not torch.isfinite(t).all():
-            raise NonFiniteError(
-                f"{name} in {label} holds NaN or Inf values; pass --allow-nonfinite (allow_nonfinite=True) to merge anyway"
-            )
-        return t.to(self.device, non_blocking=True) if self.device.type != "cpu" else t.contiguous()
+    def _read(self, reader: CheckpointReader, name: str, label: str, compute: bool = True) -> torch.Tensor:
+        """One input tensor, checked for NaN/Inf, on the device (compute) or on the host (copied as is)."""
+        what = f"{name} in {label} holds NaN or Inf values; pass --allow-nonfinite (allow_nonfinite=True) to merge anyway"
+        staging = self.staging if compute else self.host_staging
+        return staging.read(lambda **kw: reader.get(name, **kw), not self.cfg.allow_nonfinite, what)
 
     def _input_bytes(self, name: str) -> int:
         readers = ([self.base] if self.base is not None and name in self.plan.merged else [])
@@ -279,11 +282,18 @@ class _Merge:
         budget = self.prefetch_bytes
         if budget is None:
             budget = max(256 * 2**20, 2 * max((self._input_bytes(n) for n in names), default=0))
+        def staged(name):
+            with self.staging.uploading():
+                item = load(name)
+            return item, self.staging.uploaded()
+
         with _progress(total, desc, self.quiet) as bar:
-            for name, item in _prefetch(names, load, self._input_bytes, budget):
+            for name, (item, token) in _prefetch(names, staged, self._input_bytes, budget):
+                self.staging.ready(token, item)
                 yield name, item
                 self.bytes_read += self._input_bytes(name)
                 bar.update(self._input_bytes(name))
+        self.staging.finish()
 
     def _call(self, fn: Callable, *args):
         result = fn(*args)
@@ -395,11 +405,11 @@ class _Merge:
             if name in self.plan.merged:
                 return self._load_merged(name)
             if name in self.plan.task_specific:
-                return [self._read(r, name, lab) for r, lab in zip(self.models, self.labels)]
-            return self._read(self.plan.ref, name, str(self.plan.ref.path))
+                return [self._read(r, name, lab, compute=False) for r, lab in zip(self.models, self.labels)]
+            return self._read(self.plan.ref, name, str(self.plan.ref.path), compute=False)
 
         written = 0
-        with _BackgroundWriter(self.writer) as sink:
+        with _BackgroundWriter(self.writer, self.staging) as sink:
             for name, item in self._stream(todo, load, "merge"):
                 if name in self.plan.merged:
                     base, tensors, maps = item
@@ -539,10 +549,11 @@ def _prefetch(names: Iterable[str], load: Callable[[str], Any], size: Callable[[
 
 
 class _BackgroundWriter:
-    """Hands finished tensors to the checkpoint writer on its own thread."""
+    """Hands finished tensors to the checkpoint writer on its own thread (after their download)."""
 
-    def __init__(self, writer: CheckpointWriter, depth: int = 2):
+    def __init__(self, writer: CheckpointWriter, staging: HostStaging, depth: int = 2):
         self.writer = writer
+        self.staging = staging
         self.q: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="pymerge-writer", daemon=True)
@@ -553,15 +564,17 @@ class _BackgroundWriter:
             if item is None:
                 return
             if self.error is None:
+                name, host, token = item
                 try:
-                    self.writer.add(*item)
+                    self.staging.downloaded(token)
+                    self.writer.add(name, host)
                 except BaseException as exc:
                     self.error = exc
 
     def put(self, name: str, tensor: torch.Tensor) -> None:
         if self.error is not None:
             raise self.error
-        self.q.put((name, tensor.detach().to("cpu")))
+        self.q.put((name, *self.staging.download(tensor)))
 
     def __enter__(self):
         self.thread.start()

@@ -267,10 +267,10 @@ class _SafetensorsShard:
             raise CheckpointError(f"{path}: cannot open: {e.strerror or e}") from e
         self.data_start = 8 + header_len
 
-    def read(self, info: "TensorInfo") -> torch.Tensor:
+    def read(self, info: "TensorInfo", pin_memory: bool = False) -> torch.Tensor:
         if self.fd is None:
             raise ValueError("file is closed")
-        out = torch.empty(info.shape, dtype=info.dtype)
+        out = torch.empty(info.shape, dtype=info.dtype, pin_memory=pin_memory)
         if info.nbytes:
             buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())
             pos, offset = 0, self.data_start + info.offset
@@ -481,16 +481,19 @@ class CheckpointReader:
     def total_bytes(self) -> int:
         return sum(i.nbytes for i in self._infos.values())
 
-    def get(self, name: str) -> torch.Tensor:
-        """Load one tensor into a new CPU tensor of its own. Thread-safe."""
+    def get(self, name: str, pin_memory: bool = False) -> torch.Tensor:
+        """Load one tensor into a new CPU tensor of its own. Thread-safe.
+
+        pin_memory: read straight into page-locked memory, for an asynchronous copy to a GPU.
+        """
         if self._closed:
             raise ValueError(f"checkpoint {self.path} is closed")
         info = self.info(name)
         bin_sd = self._bin.get(info.file)
         if bin_sd is not None:
-            return bin_sd[name]
+            return bin_sd[name].pin_memory() if pin_memory else bin_sd[name]
         try:
-            return self._shards[info.file].read(info)
+            return self._shards[info.file].read(info, pin_memory)
         except Exception as e:
             raise CheckpointError(f"{info.file}: cannot read tensor {name!r}: {e}") from e
 

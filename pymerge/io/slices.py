@@ -127,9 +127,9 @@ class SlicedModel:
         r, n = self._src[name]
         return r.nbytes(n)
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, pin_memory: bool = False) -> torch.Tensor:
         r, n = self._src[name]
-        return r.get(n)
+        return r.get(n, pin_memory)
 
     def files(self) -> list[Path]:
         return [f for r in self._readers.values() for f in r.files()]
