@@ -108,14 +108,34 @@ def order_key_histogram(values: torch.Tensor, *, shift: int, prefix: int | None 
 def histogram_op(name: str, backend: str, device_type: str):
     """The compiled histogram op `name` ("abs_tau_histogram" or "order_key_histogram") to use
     for tensors on `device_type` under the `backend` choice, or None where no compiled one
-    applies (then feed the values with `RadixSelect.update`)."""
-    if backend not in ("auto", "cpu") or device_type != "cpu":
-        return None
+    applies (then feed the values with `RadixSelect.update`).
+
+    "auto": the compiled kernel of the device (cpu, cuda), else on CUDA tensors Triton
+    compiled for the GPU. "triton" also takes CPU tensors while the kernels run in
+    Triton's interpreter (TRITON_INTERPRET=1, how CI tests them).
+    """
     from pymerge import backends
 
-    if not backends.implements("cpu", name):
+    if backend == "auto":
+        candidates = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}.get(device_type, ())
+    elif backend in ("cpu", "cuda", "triton"):
+        candidates = (backend,)
+    else:
         return None
-    return backends.select(name, "cpu", device_type)[1]
+    for candidate in candidates:
+        if not backends.implements(candidate, name):
+            continue
+        if candidate == "triton":
+            from pymerge.backends.triton import interpreted
+
+            fits = (device_type == "cuda" and not (backend == "auto" and interpreted())) or (
+                device_type == "cpu" and backend == "triton" and interpreted()
+            )
+        else:
+            fits = device_type == candidate
+        if fits:
+            return backends.select(name, candidate, device_type)[1]
+    return None
 
 
 class RadixSelect:

@@ -249,7 +249,9 @@ def test_add_histogram_errors():
 
 def test_histogram_op_selection():
     assert selection.histogram_op("abs_tau_histogram", "torch", "cpu") is None
-    assert selection.histogram_op("abs_tau_histogram", "auto", "cuda") is None
+    # on CUDA tensors "auto" takes a GPU kernel (cuda, else Triton compiled for the GPU), never the interpreter
+    on_gpu = selection.histogram_op("abs_tau_histogram", "auto", "cuda")
+    assert (on_gpu is None) == (not torch.cuda.is_available())
     assert selection.histogram_op("no_such_histogram", "auto", "cpu") is None
     if cpu.available():
         assert selection.histogram_op("abs_tau_histogram", "auto", "cpu") is cpu.abs_tau_histogram

@@ -30,6 +30,11 @@ KERNELS = {
     "_slerp_sums_kernel",
     "_slerp_combine_kernel",
     "_sum_rows_kernel",
+    "_digit_hist_kernel",
+    "_equal_counts_kernel",
+    "_trim_merge_kernel",
+    "_ties_model_kernel",
+    "_pcb_kernel",
 }
 
 
@@ -65,3 +70,10 @@ def test_fp32_arithmetic_is_explicitly_rounded(opcodes):
     ops = set(opcodes["_weighted_sum_kernel"])
     assert {"sub.rn.f32", "mul.rn.f32", "add.rn.f32"} <= ops
     assert "div.rn.f32" in opcodes["_dare_merge_kernel"] and "div.rn.f32" in opcodes["_permute_average_kernel"]
+
+
+def test_pcb_exp_and_tanh_are_unfused_fp64(opcodes):
+    # exp / tanh: fp64 adds, multiplies and one IEEE division, rounded once to fp32 (as the CPU backend)
+    ops = set(opcodes["_pcb_kernel"])
+    assert {"mul.rn.f64", "add.rn.f64", "div.rn.f64", "cvt.rn.f32.f64"} <= ops
+    assert "div.rn.f32" in opcodes["_trim_merge_kernel"] and "div.rn.f32" in opcodes["_ties_model_kernel"]

@@ -73,4 +73,34 @@ tb.permute_average([z(7, f16), z(9, bf)], [0.5, 0.5], [None, torch.arange(7)], o
 tb.slerp(z((33, 70), bf), z((33, 70), f16), 0.3, out_dtype=f16)
 tb.slerp(z(1), z(1), 0.3)
 tb.slerp(z((2, 5000)), z((2, 5000)), 0.3, out_dtype=bf)
+# selection, ties, breadcrumbs, pcb, histograms. Nothing runs here, so the histograms stay
+# empty: the trims' launches are called with hand-made rules instead of top_k_trims.
+kern = lib.kernels()
+kh, kt = kern.histogram, kern.ties
+tb.abs_tau_histogram(base, xs[2], shift=16)
+tb.abs_tau_histogram(base, xs[0], shift=0, prefix=7)
+tb.order_key_histogram(xs[1], shift=16)
+tb.order_key_histogram(xs[2], shift=0, prefix=7)
+high = kh.high_histograms(base, xs, kh.KEY_MAG)
+kh.keys_from_high(base, xs, kh.KEY_MAG, high, torch.zeros((3, 2), dtype=torch.int64))
+kh.equal_offsets(base, xs[:2], torch.zeros(2, dtype=torch.int32))
+for split, drop, ties, normalize in ((True, False, True, True), (False, True, True, False), (True, True, False, False)):
+    T = 6 if drop else 3
+    nb = kh.n_programs(3000, kh.BLOCK_SIZE)
+    trims = kh.Trims(
+        thr=torch.zeros(T, dtype=torch.int32),
+        take=torch.zeros(T, dtype=torch.int64),
+        max_key=torch.zeros(T, dtype=torch.int32),
+        offsets=torch.zeros((T, nb if split else 1), dtype=torch.int64),
+        split=split,
+        n_blocks=nb,
+    )
+    kw = dict(drop=drop, ties=ties, count_consensus=not normalize, normalize=normalize)
+    kt.trim_merge(z(3000, f16).view(-1), base, xs, trims, z(3), 0.5, **kw)
+tb.ties_sign_sum(base, xs, [0.1, 0.2, 0.3])
+tb.ties_merge_model(base, xs, [0.1, 0.2, 0.3], -1, merge="dis-mean", out_dtype=bf)
+tb.ties_merge_model(z(1), [z(1)], [0.1], 1, merge="dis-sum")
+tb.pcb_scores(base, xs, [0.0] * 3, [1.0] * 3)
+tb.pcb_merge_with_stats(base, xs, [0.0] * 3, [1.0] * 3, [0.0] * 3, [1.0] * 3, lambdas=[0.5, 1.0, 2.0], out_dtype=f16)
+tb.pcb_merge(base, xs, density=0.2, clip_ratio=0.01)
 print(json.dumps({name: sorted(ops) for name, ops in found.items()}))

@@ -52,10 +52,14 @@ def kernels():
 
         import pymerge.triton_kernels as triton_kernels
         import pymerge.triton_kernels.average
+        import pymerge.triton_kernels.breadcrumbs
         import pymerge.triton_kernels.dare
         import pymerge.triton_kernels.emr
+        import pymerge.triton_kernels.histogram
+        import pymerge.triton_kernels.pcb
         import pymerge.triton_kernels.permute
-        import pymerge.triton_kernels.slerp  # noqa: F401  (the op modules reach them as attributes)
+        import pymerge.triton_kernels.slerp
+        import pymerge.triton_kernels.ties  # noqa: F401  (the op modules reach them as attributes)
 
         # ask the decorated functions: triton (or the kernels) may have been imported earlier
         mode = not isinstance(triton_kernels.average._weighted_sum_kernel, JITFunction)
