@@ -324,6 +324,8 @@ def weight_matching(
     the residual stream: two passes over the checkpoints per sweep).
     Stops when a sweep improves the objective by at most ``tol`` (relative) or
     after ``max_sweeps``. The objective history never decreases.
+    init: the starting set (identity where absent). On Transformers, starting from
+    ``activation_matching(...).perms`` can reach much better optima than the identity.
     """
     if order not in ("random", "streaming"):
         raise ValueError(f"order must be 'random' or 'streaming', not {order!r}")

@@ -1,6 +1,6 @@
-"""Loss barriers between independently trained models, before and after weight matching.
+"""Loss barriers between independently trained models, before and after permutation alignment.
 
-Digits MLP (scikit-learn's offline digits) and a tiny GPT-2 on a synthetic copy task.
+Digits MLP (scikit-learn's offline digits) and a tiny GPT-2 on a synthetic prefix-majority task.
 Training is short and single-threaded: two threads on a shared two-core
 machine only add contention for models this small.
 """
@@ -13,10 +13,14 @@ import torch
 import torch.nn.functional as F
 
 from pymerge.align import (
+    activation_matching,
+    activation_sites,
     alpha_grid,
     barriers,
+    collect_activations,
     gpt2_spec,
     interpolation_curve,
+    match_objective,
     mean_stderr,
     mlp_spec,
     permute_state_dict,
@@ -123,79 +127,127 @@ def _digits_experiment(models, record_property, xtr, ytr, xte, yte):
 
 
 # -- tiny Transformers ---------------------------------------------------------------------
+#
+# Task: at every position from the FIRST-th on, name the most frequent token of the prefix
+# read so far (positions where the top count is tied carry no label). Attention has to pool
+# over the whole prefix and the MLP has to pick the arg-max of the pooled histogram; random
+# uniform sequences make it an offline, deterministic data set.
 
-VOCAB, LENGTH = 16, 16
+VOCAB, LENGTH, FIRST = 8, 16, 4
+LAYERS, HIDDEN, HEADS = 1, 64, 4
+STEPS = 300
 
 
-def _copy_task(n, seed):
-    """Random first half, copied into the second half: the second half needs attention."""
-    half = torch.randint(0, VOCAB, (n, LENGTH // 2), generator=torch.Generator().manual_seed(seed))
-    return torch.cat([half, half], 1)
+def _sequences(n, seed):
+    return torch.randint(0, VOCAB, (n, LENGTH), generator=torch.Generator().manual_seed(seed))
 
 
-def _lm_loss(model, x):
-    logits = model(input_ids=x).logits[:, LENGTH // 2 - 1:-1]
-    target = x[:, LENGTH // 2:]
-    return F.cross_entropy(logits.reshape(-1, VOCAB), target.reshape(-1)), (logits.argmax(-1) == target).float().mean()
+def _prefix_majority(x):
+    """Labels (most frequent token of each prefix) and the mask of positions that have one."""
+    counts = F.one_hot(x, VOCAB).cumsum(1)
+    top = counts.topk(2, dim=-1)
+    labelled = top.values[..., 0] > top.values[..., 1]
+    labelled[:, :FIRST - 1] = False
+    return top.indices[..., 0], labelled
+
+
+def _majority_loss(model, x, y, labelled):
+    logits = model(input_ids=x).logits[labelled]
+    target = y[labelled]
+    return F.cross_entropy(logits, target), (logits.argmax(-1) == target).float().mean()
 
 
 def _gpt2(seed):
     import transformers
 
-    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=LENGTH,
+    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_positions=LENGTH,
                                   bos_token_id=0, eos_token_id=0, attn_implementation="eager",
                                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     torch.manual_seed(seed)
     return transformers.GPT2LMHeadModel(cfg)
 
 
-def _train_gpt2(seed, data, steps=300):
+def _train_gpt2(seed, data, steps=STEPS, batch=32):
+    x, y, labelled = data
     m = _gpt2(seed).train()
-    opt = torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3, betas=(0.9, 0.98), weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
-        loss, _ = _lm_loss(m, data[torch.randint(0, len(data), (32,), generator=g)])
+        idx = torch.randint(0, len(x), (batch,), generator=g)
+        loss, _ = _majority_loss(m, x[idx], y[idx], labelled[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
     return m.eval()
 
 
-@pytest.mark.slow
-def test_tiny_transformer_weight_matching_lowers_the_barrier(record_property):
+@contextlib.contextmanager
+def deterministic():
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was)
+
+
+def test_tiny_transformer_alignment_removes_the_barrier(record_property):
     pytest.importorskip("transformers")
-    with one_thread():
+    with one_thread(), deterministic():
         _transformer_experiment(record_property)
 
 
 def _transformer_experiment(record_property):
-    data, test = _copy_task(4096, 123), _copy_task(512, 7)
+    train = _sequences(4096, 123)
+    data = (train, *_prefix_majority(train))
+    test = _sequences(512, 7)
+    test_y, test_labelled = _prefix_majority(test)
     t0 = time.perf_counter()
-    a, b = (_train_gpt2(s, data).state_dict() for s in (0, 1))
+    model_a, model_b = (_train_gpt2(s, data) for s in (0, 1))
+    a, b = model_a.state_dict(), model_b.state_dict()
     train_s = time.perf_counter() - t0
     net = _gpt2(0).eval()
 
     def evaluate(sd):
         net.load_state_dict(sd)
         with torch.no_grad():
-            loss, acc = _lm_loss(net, test)
+            loss, acc = _majority_loss(net, test, test_y, test_labelled)
         return loss.item(), acc.item()
 
-    spec = gpt2_spec(2, 64, 4)
-    result = weight_matching(spec, a, b, seed=0)
-    assert all(y >= x for x, y in zip(result.objective_history, result.objective_history[1:]))
-    naive = interpolation_curve(a, b, evaluate, 11)
-    matched = interpolation_curve(a, permute_state_dict(b, spec, result.perms), evaluate, 11)
+    spec = gpt2_spec(LAYERS, HIDDEN, HEADS)
+    # weight matching alone (data-free)
+    wm = weight_matching(spec, a, b, seed=0)
+    assert all(y >= x for x, y in zip(wm.objective_history, wm.objective_history[1:]))
+    # activation matching on training sequences (residual stream, MLP units, heads), then weight
+    # matching started from it: coordinate ascent from the identity stalls in a poor optimum
+    # for these models, while from the activation-matched set it climbs to a better one
+    batches = [train[i:i + 128] for i in range(0, 512, 128)]
+    stats = collect_activations(model_a, model_b, batches, activation_sites("gpt2", LAYERS),
+                                forward=lambda m, ids: m(input_ids=ids))
+    am = activation_matching(stats, spec)
+    refined = weight_matching(spec, a, b, init=am.perms, seed=0)
+    assert refined.objective_history[0] == pytest.approx(match_objective(spec, a, b, am.perms), rel=1e-12)
+    assert all(y >= x for x, y in zip(refined.objective_history, refined.objective_history[1:]))
+
+    curves = {"naive": interpolation_curve(a, b, evaluate, 21)}
+    for name, perms in (("weight", wm.perms), ("activation", am.perms), ("activation+weight", refined.perms)):
+        curves[name] = interpolation_curve(a, permute_state_dict(b, spec, perms), evaluate, 21)
+    naive, aligned = curves["naive"], curves["activation+weight"]
+    ends = (naive.accuracies[0], naive.accuracies[-1])
     numbers = {
-        "train_s": round(train_s, 2), "endpoint_acc": (naive.accuracies[0], naive.accuracies[-1]),
-        "naive_b2": naive.b2, "matched_b2": matched.b2,
-        "naive_mid_acc": naive.midpoint_accuracy, "matched_mid_acc": matched.midpoint_accuracy,
+        "train_s": round(train_s, 2), "endpoint_loss": (naive.losses[0], naive.losses[-1]), "endpoint_acc": ends,
+        "b2": {k: round(c.b2, 4) for k, c in curves.items()}, "b1": {k: round(c.b1, 4) for k, c in curves.items()},
+        "mid_acc": {k: round(c.midpoint_accuracy, 4) for k, c in curves.items()},
+        "mean_correlation": {k: round(v, 3) for k, v in am.mean_correlation.items()},
+        "wm_sweeps": (wm.sweeps, refined.sweeps),
     }
-    record_property("gpt2_copy", numbers)
-    print("tiny GPT-2 copy task:", numbers)
-    assert min(naive.accuracies[0], naive.accuracies[-1]) > 0.99
-    assert matched.losses[-1] == pytest.approx(naive.losses[-1], abs=1e-4)
-    # Transformers keep part of their barrier after permutation (the residual stream has no
-    # privileged basis), but matching must clearly lower it.
-    assert matched.b2 < 0.85 * naive.b2
-    assert matched.midpoint_accuracy > naive.midpoint_accuracy + 0.1
+    record_property("gpt2_majority", numbers)
+    print("tiny GPT-2, prefix majority:", numbers)
+    assert min(ends) > 0.97
+    for c in curves.values():  # every permutation preserves the function: the curves end where the naive one does
+        assert c.losses[-1] == pytest.approx(naive.losses[-1], abs=1e-4)
+    assert naive.b2 > 0.3
+    assert naive.midpoint_accuracy < min(ends) - 0.1
+    assert aligned.b2 <= naive.b2 / 10
+    assert curves["activation"].b2 <= naive.b2 / 5
+    assert aligned.midpoint_accuracy >= sum(ends) / 2 - 0.03
