@@ -75,7 +75,7 @@ PYMERGE_HD Block philox4x32_10(Block c, Key key) {
 PYMERGE_HD uint32_t word0(uint32_t c0, uint32_t c1, Key key) {
   uint32_t x0 = c0, x1 = c1, x2 = 0, x3 = 0;
   uint32_t k0 = key.k0, k1 = key.k1;
-#if defined(__CUDACC__)
+#if defined(__CUDA_ARCH__)  // device pass only: the host compiler rejects the pragma under -Werror
 #pragma unroll
 #endif
   for (int r = 0; r < kRounds; ++r) {

@@ -1,0 +1,183 @@
+"""PCB-Merging on the GPU (csrc/cuda/pcb.cu): scores, merge given the statistics, per-tensor merge.
+
+Same signatures, validation and fp32 op order as pymerge/ops/reference/pcb.py, and
+the same bits as the cpu backend: exp and tanh are the correctly rounded fp32
+values (computed in double and rounded once, the same double operations as
+csrc/cpu/pcb.cpp); torch's fp32 exp/tanh are within 1 ulp of those, so the scores
+beta may differ from the plain torch reference in their last bit.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from pymerge.backends.cuda._lib import (
+    DTYPE_TAGS,
+    check_models,
+    contiguous,
+    fp32,
+    lib,
+    on_device,
+    same_device,
+    stream,
+    tag,
+)
+from pymerge.ops.reference._common import check_inputs, resolve_out_dtype
+from pymerge.ops.reference.pcb import (
+    _as_f32_vector,
+    _check_ratio,
+    _resolve_lambdas,
+    pcb_clip_indices,
+    pcb_score_index,
+)
+
+__all__ = ["pcb_scores", "pcb_merge_with_stats", "pcb_merge"]
+
+
+def _prepare(base, tensors, what: str):
+    """Reference checks plus the cuda ones; returns (device, contiguous base, contiguous inputs, tags)."""
+    if base is None:
+        raise TypeError(f"{what}: a base tensor is required")
+    tensors = list(tensors)
+    check_inputs(tensors, base)
+    device = same_device([("base", base)] + [(f"model {i}", t) for i, t in enumerate(tensors)])
+    check_models(len(tensors))
+    base_c = contiguous(base)
+    inputs = [contiguous(t) for t in tensors]
+    in_tags = [tag(t, f"model {i}") for i, t in enumerate(inputs)]
+    return device, base_c, inputs, in_tags
+
+
+def _f32_list(x, n: int, name: str) -> list[float]:
+    return _as_f32_vector(x, n, name, torch.device("cpu")).tolist()
+
+
+def _out_buffer(shape, out_dtype: torch.dtype, device) -> torch.Tensor:
+    # Dtypes without a kernel tag (float64, ...) get the fp32 result cast once,
+    # as the reference's final .to(out_dtype).
+    return torch.empty(shape, dtype=out_dtype if out_dtype in DTYPE_TAGS else torch.float32, device=device)
+
+
+def _finish(out: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    return out if out.dtype == out_dtype else out.to(out_dtype)
+
+
+def _lambdas_f32(lambdas) -> list[float]:
+    return [] if lambdas is None else [fp32(x) for x in lambdas]
+
+
+def pcb_scores(
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    lo: torch.Tensor | Sequence[float],
+    hi: torch.Tensor | Sequence[float],
+) -> torch.Tensor:
+    """Scores beta fp32 [N, numel] of one tensor given the clip bounds (reference: `pcb_scores`)."""
+    kernels = lib()
+    device, base_c, inputs, in_tags = _prepare(base, tensors, "pcb_scores")
+    n = len(inputs)
+    lo_l, hi_l = _f32_list(lo, n, "lo"), _f32_list(hi, n, "hi")
+    numel = base_c.numel()
+    out = torch.empty((n, numel), dtype=torch.float32, device=device)
+    if numel:
+        with on_device(device):
+            kernels.pcb_scores(
+                out.data_ptr(),
+                [t.data_ptr() for t in inputs],
+                in_tags,
+                base_c.data_ptr(),
+                tag(base_c, "base"),
+                numel,
+                lo_l,
+                hi_l,
+                stream(device),
+            )
+    return out
+
+
+def pcb_merge_with_stats(
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    lo,
+    hi,
+    q,
+    M,
+    *,
+    lam: float = 1.0,
+    lambdas: Sequence[float] | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Merge one tensor given lo, hi, q, M in one fused pass (reference: `pcb_merge_with_stats`)."""
+    kernels = lib()
+    device, base_c, inputs, in_tags = _prepare(base, tensors, "pcb_merge_with_stats")
+    n = len(inputs)
+    lambdas = _resolve_lambdas(lam, lambdas, n)
+    out_dtype = resolve_out_dtype([base], out_dtype)
+    stats = [_f32_list(v, n, name) for v, name in ((lo, "lo"), (hi, "hi"), (q, "q"), (M, "M"))]
+    out = _out_buffer(base.shape, out_dtype, device)
+    numel = out.numel()
+    if numel:
+        with on_device(device):
+            kernels.pcb_merge_with_stats(
+                out.data_ptr(),
+                DTYPE_TAGS[out.dtype],
+                [t.data_ptr() for t in inputs],
+                in_tags,
+                base_c.data_ptr(),
+                tag(base_c, "base"),
+                numel,
+                *stats,
+                fp32(lam),
+                _lambdas_f32(lambdas),
+                stream(device),
+            )
+    return _finish(out, out_dtype)
+
+
+def _pcb_merge(base, tensors, density, clip_ratio, lam, lambdas, out_dtype):
+    """(output, (lo, hi, q, M) as fp32 lists); the statistics are for tests."""
+    kernels = lib()
+    device, base_c, inputs, in_tags = _prepare(base, tensors, "pcb_merge")
+    n = len(inputs)
+    _check_ratio(density, "density")
+    lambdas = _resolve_lambdas(lam, lambdas, n)
+    out_dtype = resolve_out_dtype([base], out_dtype)
+    numel = base_c.numel()
+    i_lo, i_hi = pcb_clip_indices(numel, clip_ratio)
+    k_q = pcb_score_index(numel, density)
+    out = _out_buffer(base.shape, out_dtype, device)
+    with on_device(device):
+        stats = kernels.pcb_merge(
+            out.data_ptr(),
+            DTYPE_TAGS[out.dtype],
+            [t.data_ptr() for t in inputs],
+            in_tags,
+            base_c.data_ptr(),
+            tag(base_c, "base"),
+            numel,
+            i_lo,
+            i_hi,
+            k_q,
+            fp32(lam),
+            _lambdas_f32(lambdas),
+            stream(device),
+        )
+    return _finish(out, out_dtype), stats
+
+
+def pcb_merge(
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    *,
+    density: float = 0.1,
+    clip_ratio: float = 0.01,
+    lam: float = 1.0,
+    lambdas: Sequence[float] | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """PCB with per-tensor scope (reference: `pcb_merge`): exact clip quantiles of |tau_i|,
+    scores, exact quantile q_i and max M_i of beta_i, then the merge; one call, no sort.
+    Waits for the current stream once per pass (the statistics come back to the host)."""
+    return _pcb_merge(base, tensors, density, clip_ratio, lam, lambdas, out_dtype)[0]
