@@ -75,8 +75,9 @@ class CudaStaging(HostStaging):
         super().__init__(device)
         self.upload_stream = torch.cuda.Stream(device)
         self.download_stream = torch.cuda.Stream(device)
-        # (finite flag on the device, message) of tensors uploaded but not yet checked
-        self._unchecked: list[tuple[torch.Tensor, str]] = []
+        # (finite flag on the device, message) of the item being uploaded, and of the one before
+        self._current: list[tuple[torch.Tensor, str]] = []
+        self._previous: list[tuple[torch.Tensor, str]] = []
 
     def uploading(self) -> contextlib.AbstractContextManager:
         """Run the prefetch thread's loads inside this: their copies go on the upload stream."""
@@ -86,7 +87,7 @@ class CudaStaging(HostStaging):
         host = get(pin_memory=True)
         dev = host.to(self.device, non_blocking=True)
         if check and dev.is_floating_point() and dev.numel():
-            self._unchecked.append((torch.isfinite(dev).all(), what))
+            self._current.append((torch.isfinite(dev).all(), what))
         return dev
 
     def uploaded(self) -> torch.cuda.Event:
@@ -94,14 +95,13 @@ class CudaStaging(HostStaging):
         item's NaN/Inf flags, whose kernels have long finished, so the check never stalls a copy."""
         event = torch.cuda.Event()
         event.record(self.upload_stream)
-        self._check(keep_last=True)
+        previous, self._previous, self._current = self._previous, self._current, []
+        self._check(previous)
         return event
 
-    def _check(self, keep_last: bool) -> None:
-        pending, self._unchecked = self._unchecked, []
-        if keep_last and pending:
-            pending, self._unchecked = pending[:-1], pending[-1:]
-        for flag, what in pending:
+    @staticmethod
+    def _check(flags: list[tuple[torch.Tensor, str]]) -> None:
+        for flag, what in flags:
             if not bool(flag):
                 raise NonFiniteError(what)
 
@@ -136,8 +136,8 @@ class CudaStaging(HostStaging):
 
     def finish(self) -> None:
         """End of a pass: every remaining flag is checked."""
-        self.upload_stream.synchronize()
-        self._check(keep_last=False)
+        pending, self._previous, self._current = self._previous + self._current, [], []
+        self._check(pending)
 
 
 def staging_for(device: torch.device) -> HostStaging:
