@@ -134,3 +134,22 @@ def test_distributed_without_torchrun_says_how_to_launch(family, tmp_path, monke
     cfg = _config(family, "linear")
     with pytest.raises(pymerge.errors.MergeError, match="launch it with torchrun"):
         pymerge.merge(cfg, tmp_path / "out", distributed=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_nccl_ranks_on_gpus_write_the_cpu_bytes(single, tmp_path):
+    import torch
+
+    configs, expected = single
+    nproc = min(2, torch.cuda.device_count())  # one GPU per rank
+    jobs = []
+    for label in ("linear", "ties_model", "dare_ties"):
+        path = tmp_path / f"{label}.yml"
+        path.write_text(json.dumps({**configs[label], "device": "cuda"}))
+        jobs.append({"config": str(path), "out": str(tmp_path / label), "shard": SHARD})
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    run = _torchrun(nproc, WORKER, tmp_path / "jobs.json")
+    assert run.returncode == 0, run.stderr[-4000:]
+    for label in ("linear", "ties_model", "dare_ties"):
+        assert _files(tmp_path / label) == _files(expected / label), label
