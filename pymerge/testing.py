@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-_BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+_BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 
 
 def assert_bits_equal(actual: torch.Tensor, ref: torch.Tensor) -> None:

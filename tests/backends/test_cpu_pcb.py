@@ -10,78 +10,21 @@ exp/tanh (SLEEF, within 1 ulp) are not correctly rounded everywhere. So:
 
 from __future__ import annotations
 
-import contextlib
-import os
-
 import pytest
 import torch
 
 from pymerge.backends import cpu
 from pymerge.ops.reference import pcb as ref
 
-pytestmark = pytest.mark.skipif(not cpu.available() and not os.environ.get("CI"), reason="pymerge._C is not built (run `pip install -e .`)")
+from .cases import CPU, DTYPES, exact_math, pcb_error_cases, pcb_stats_length_errors, ulp_distance
+from .cases import assert_bits_equal_on_cpu as assert_bits_equal
+from .cases import exact_exp, exact_tanh, pcb_models as make, pcb_property_inputs, pcb_ref_stats as ref_stats
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+pytestmark = CPU.marks
+
 # Kernel layout: blocks of 1024, >= 8 blocks per thread; selection switches from
 # nth_element to 16-bit radix histograms above 65536 keys (chunks of 32768).
 SIZES = [0, 1, 7, 1000, 65537, 100_003]
-
-_torch_exp, _torch_tanh = torch.exp, torch.tanh
-
-
-@contextlib.contextmanager
-def exact_math():
-    """The reference with correctly rounded fp32 exp/tanh (double, rounded once)."""
-    torch.exp = lambda x: _torch_exp(x.double()).float()
-    torch.tanh = lambda x: _torch_tanh(x.double()).float()
-    try:
-        yield
-    finally:
-        torch.exp, torch.tanh = _torch_exp, _torch_tanh
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view({torch.float32: torch.int32, torch.float64: torch.int64}.get(t.dtype, torch.int16))
-
-
-def assert_bits_equal(actual, expected):
-    """Same dtype, shape and bits, except that any NaN matches any NaN."""
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape
-    if torch.equal(bits(actual), bits(expected)):
-        return
-    nan_a, nan_e = torch.isnan(actual), torch.isnan(expected)
-    assert torch.equal(nan_a, nan_e)
-    a, e = bits(actual)[~nan_a], bits(expected)[~nan_e]
-    bad = (a != e).nonzero()
-    assert bad.numel() == 0, f"{bad.numel()} of {a.numel()} differ, first at {bad[0].item()}"
-
-
-def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """|a - b| in ulps of their dtype (distance of the ordered bit patterns; +0 == -0)."""
-    ia, ib = bits(a).long(), bits(b).long()
-    top = 1 << (8 * a.element_size() - 1)
-    ka = torch.where(ia < 0, -(ia + top), ia)
-    kb = torch.where(ib < 0, -(ib + top), ib)
-    return (ka - kb).abs()
-
-
-def make(size, n, dtypes, gen, base_dtype=None, spread=0.01):
-    """A base and n fine-tunes close to it, with heavy-tailed task vectors."""
-    base = torch.randn(size, generator=gen)
-    ts = []
-    for i in range(n):
-        tau = spread * torch.randn(size, generator=gen) * torch.exp(torch.randn(size, generator=gen))
-        ts.append((base + tau).to(dtypes[i % len(dtypes)]))
-    return base.to(base_dtype or dtypes[0]), ts
-
-
-def ref_stats(base, ts, density, clip_ratio):
-    tau = torch.stack([t.float().reshape(-1) - base.float().reshape(-1) for t in ts])
-    lo, hi = ref.pcb_clip_bounds(tau.abs(), clip_ratio)
-    beta = ref.pcb_scores(base, ts, lo, hi)
-    q, m = ref.pcb_score_stats(beta, density)
-    return lo, hi, q, m
-
 
 # ---------------------------------------------------------------- exp / tanh
 
@@ -119,8 +62,8 @@ def test_exp_tanh_are_correctly_rounded():
     )
     exp = torch.tensor([_C._pcb_exp_f32(v) for v in x.tolist()])
     tanh = torch.tensor([_C._pcb_tanh_f32(v) for v in x.tolist()])
-    assert_bits_equal(exp, _torch_exp(x.double()).float())
-    assert_bits_equal(tanh, _torch_tanh(x.double()).float())
+    assert_bits_equal(exp, exact_exp(x))
+    assert_bits_equal(tanh, exact_tanh(x))
     assert torch.isnan(torch.tensor([_C._pcb_exp_f32(float("nan")), _C._pcb_tanh_f32(float("nan"))])).all()
 
 
@@ -321,26 +264,12 @@ def test_plain_reference_outputs(out_dtype):
 
 def test_errors_match_reference():
     x = torch.zeros(4)
-    cases = [
-        (lambda f: f(x, [x], density=1.5), ValueError, "density"),
-        (lambda f: f(x, [x], clip_ratio=-0.1), ValueError, "clip_ratio"),
-        (lambda f: f(x, [x], lam=2.0, lambdas=[1.0]), ValueError, "either lam or lambdas"),
-        (lambda f: f(x, [x, x], lambdas=[1.0]), ValueError, "lambdas"),
-        (lambda f: f(x, [torch.zeros(5)]), ValueError, "shape"),
-        (lambda f: f(x, [x.double()]), ValueError, "dtype"),
-        (lambda f: f(x, []), ValueError, "at least one"),
-    ]
-    for call, exc, match in cases:
-        with pytest.raises(exc, match=match):
+    for call, match in pcb_error_cases(x, torch.zeros(5, device=x.device)):
+        with pytest.raises(ValueError, match=match):
             call(ref.pcb_merge)
-        with pytest.raises(exc, match=match):
+        with pytest.raises(ValueError, match=match):
             call(cpu.pcb_merge)
-    with pytest.raises(ValueError, match="lo: 1 values for 2"):
-        cpu.pcb_scores(x, [x, x], [0.0], [1.0, 1.0])
-    with pytest.raises(ValueError, match="M: 3 values for 2"):
-        cpu.pcb_merge_with_stats(x, [x, x], [0.0] * 2, [1.0] * 2, [0.0] * 2, [1.0] * 3)
-    with pytest.raises(TypeError, match="base"):
-        cpu.pcb_merge(None, [x])
+    pcb_stats_length_errors(cpu, x)
     with pytest.raises(ValueError, match="meta"):
         cpu.pcb_merge(torch.zeros(4, device="meta"), [torch.zeros(4, device="meta")])
 
@@ -384,15 +313,7 @@ if given is not None:
         seed=st.integers(0, 2**31 - 1),
     )
     def test_property_matches_exact_reference(shape, in_dtypes, base_dtype, out_dtype, density, clip_ratio, lambdas, lam, quantized, seed):
-        gen = torch.Generator().manual_seed(seed)
-        base = torch.randn(shape, generator=gen)
-        ts = []
-        for dt in in_dtypes:
-            tau = 0.1 * torch.randn(shape, generator=gen)
-            if quantized:  # many equal magnitudes and scores: ties at every quantile
-                tau = torch.round(tau * 20) / 20
-            ts.append((base + tau).to(dt))
-        base = base.to(base_dtype)
+        base, ts = pcb_property_inputs(shape, in_dtypes, base_dtype, quantized, seed)
         kw = dict(density=density, clip_ratio=clip_ratio, out_dtype=out_dtype)
         if lambdas is not None:
             kw["lambdas"] = lambdas[: len(ts)]

@@ -12,79 +12,23 @@ GPU: CUDA's libdevice, both within 1-2 ulp) are not correctly rounded everywhere
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
 from pymerge.backends import cuda
 from pymerge.ops.reference import pcb as ref
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not cuda.available(), reason="needs pymerge._C_cuda and a GPU")]
+from .cases import CUDA, DTYPES, exact_math, pcb_error_cases, pcb_stats_length_errors, ulp_distance
+from .cases import assert_bits_equal_on_cpu as assert_bits_equal
+from .cases import exact_exp, exact_tanh, pcb_models as make, pcb_property_inputs, pcb_ref_stats as ref_stats
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+pytestmark = CUDA.marks
+
 # Selection histogram tiles of 57344 elements; 8 elements per thread, 256 threads per block.
 SIZES = [0, 1, 7, 1000, 57345, 130_003]
 
-_torch_exp, _torch_tanh = torch.exp, torch.tanh
-
-
-@contextlib.contextmanager
-def exact_math():
-    """The reference with correctly rounded fp32 exp/tanh (double, rounded once)."""
-    torch.exp = lambda x: _torch_exp(x.double()).float()
-    torch.tanh = lambda x: _torch_tanh(x.double()).float()
-    try:
-        yield
-    finally:
-        torch.exp, torch.tanh = _torch_exp, _torch_tanh
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view({torch.float32: torch.int32, torch.float64: torch.int64}.get(t.dtype, torch.int16))
-
-
-def assert_bits_equal(actual, expected):
-    """Same dtype, shape and bits (on the CPU), except that any NaN matches any NaN."""
-    actual, expected = actual.cpu(), expected.cpu()
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape
-    if torch.equal(bits(actual), bits(expected)):
-        return
-    nan_a, nan_e = torch.isnan(actual), torch.isnan(expected)
-    assert torch.equal(nan_a, nan_e)
-    a, e = bits(actual)[~nan_a], bits(expected)[~nan_e]
-    bad = (a != e).nonzero()
-    assert bad.numel() == 0, f"{bad.numel()} of {a.numel()} differ, first at {bad[0].item()}"
-
-
-def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    ia, ib = bits(a.cpu()).long(), bits(b.cpu()).long()
-    top = 1 << (8 * a.element_size() - 1)
-    ka = torch.where(ia < 0, -(ia + top), ia)
-    kb = torch.where(ib < 0, -(ib + top), ib)
-    return (ka - kb).abs()
-
-
-def make(size, n, dtypes, gen, base_dtype=None, spread=0.01):
-    """A base and n fine-tunes close to it (CPU tensors), with heavy-tailed task vectors."""
-    base = torch.randn(size, generator=gen)
-    ts = []
-    for i in range(n):
-        tau = spread * torch.randn(size, generator=gen) * torch.exp(torch.randn(size, generator=gen))
-        ts.append((base + tau).to(dtypes[i % len(dtypes)]))
-    return base.to(base_dtype or dtypes[0]), ts
-
-
 def gpu(base, ts):
     return base.cuda(), [t.cuda() for t in ts]
-
-
-def ref_stats(base, ts, density, clip_ratio):
-    tau = torch.stack([t.float().reshape(-1) - base.float().reshape(-1) for t in ts])
-    lo, hi = ref.pcb_clip_bounds(tau.abs(), clip_ratio)
-    beta = ref.pcb_scores(base, ts, lo, hi)
-    q, m = ref.pcb_score_stats(beta, density)
-    return lo, hi, q, m
 
 
 def test_exp_tanh_are_correctly_rounded():
@@ -102,8 +46,8 @@ def test_exp_tanh_are_correctly_rounded():
     xd = x.cuda()
     e, t = torch.empty_like(xd), torch.empty_like(xd)
     _C_cuda._pcb_exp_tanh(xd.data_ptr(), e.data_ptr(), t.data_ptr(), xd.numel(), torch.cuda.current_stream().cuda_stream)
-    assert_bits_equal(e, _torch_exp(x.double()).float())
-    assert_bits_equal(t, _torch_tanh(x.double()).float())
+    assert_bits_equal(e, exact_exp(x))
+    assert_bits_equal(t, exact_tanh(x))
 
 
 @pytest.mark.parametrize("size,dtype", [(size, dtype) for size in SIZES for dtype in DTYPES])
@@ -288,26 +232,14 @@ def test_plain_reference_outputs(out_dtype):
 
 def test_errors():
     x = torch.zeros(4, device="cuda")
-    cases = [
-        (lambda f: f(x, [x], density=1.5), "density"),
-        (lambda f: f(x, [x], clip_ratio=-0.1), "clip_ratio"),
-        (lambda f: f(x, [x], lam=2.0, lambdas=[1.0]), "either lam or lambdas"),
-        (lambda f: f(x, [x, x], lambdas=[1.0]), "lambdas"),
-        (lambda f: f(x, [torch.zeros(5, device="cuda")]), "shape"),
-        (lambda f: f(x, [x.double()]), "dtype"),
-        (lambda f: f(x, []), "at least one"),
+    cases = pcb_error_cases(x, torch.zeros(5, device=x.device)) + [
         (lambda f: f(x, [x] * 65), "at most"),
         (lambda f: f(x.cpu(), [x.cpu()]), "cuda"),
     ]
     for call, match in cases:
         with pytest.raises(ValueError, match=match):
             call(cuda.pcb_merge)
-    with pytest.raises(ValueError, match="lo: 1 values for 2"):
-        cuda.pcb_scores(x, [x, x], [0.0], [1.0, 1.0])
-    with pytest.raises(ValueError, match="M: 3 values for 2"):
-        cuda.pcb_merge_with_stats(x, [x, x], [0.0] * 2, [1.0] * 2, [0.0] * 2, [1.0] * 3)
-    with pytest.raises(TypeError, match="base"):
-        cuda.pcb_merge(None, [x])
+    pcb_stats_length_errors(cuda, x)
     from pymerge import _C_cuda
 
     y = torch.ones(8, device="cuda")
@@ -345,15 +277,7 @@ if given is not None:
     )
     def test_property_matches_exact_reference(shape, in_dtypes, base_dtype, out_dtype, density, clip_ratio, lambdas,
                                               lam, quantized, seed):
-        gen = torch.Generator().manual_seed(seed)
-        base = torch.randn(shape, generator=gen)
-        ts = []
-        for dt in in_dtypes:
-            tau = 0.1 * torch.randn(shape, generator=gen)
-            if quantized:  # many equal magnitudes and scores: ties at every quantile
-                tau = torch.round(tau * 20) / 20
-            ts.append((base + tau).to(dt))
-        base = base.to(base_dtype)
+        base, ts = pcb_property_inputs(shape, in_dtypes, base_dtype, quantized, seed)
         kw = dict(density=density, clip_ratio=clip_ratio, out_dtype=out_dtype)
         if lambdas is not None:
             kw["lambdas"] = lambdas[: len(ts)]

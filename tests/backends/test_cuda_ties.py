@@ -1,4 +1,5 @@
-"""pymerge._C_cuda TIES kernels (ties_merge, ties_sign_sum, ties_merge_model), bit for bit against torch.
+"""pymerge._C_cuda TIES kernels (ties_merge, ties_sign_sum, ties_merge_model), bit for bit against torch:
+the cuda-only tests. The tests shared with the other backends are in test_ties.py.
 
 Needs a GPU. Kernel geometry (csrc/cuda/sparse_common.cuh): selection histograms in
 tiles of 57344 elements, merge tiles of 8192 (256 threads x 8 elements x 4 steps);
@@ -16,26 +17,13 @@ from pymerge.backends import cuda
 from pymerge.ops import reference
 from pymerge.testing import assert_bits_equal
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not cuda.available(), reason="needs pymerge._C_cuda and a GPU")]
+from .cases import CUDA, WORKED_MERGED, models, ties_error_cases, worked_example
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+pytestmark = CUDA.marks
+
 HIST_TILE = 57344
 MERGE_TILE = 8192
 ODD = 3 * HIST_TILE + 2 * MERGE_TILE + 5
-SIZES = [0, 1, 7, 8, 1000, MERGE_TILE + 1, HIST_TILE + 3, ODD]
-
-
-def models(size, dtypes, gen, *, base_dtype=None, tiny=False, scale=0.01):
-    """(base, tensors) on the CPU: fine-tunes near a base. tiny: every value from a small exact
-    set, so |tau| takes a handful of values and the index tie-break decides most of the trim."""
-    base_dtype = base_dtype or dtypes[0]
-    if tiny:
-        base = torch.randint(-8, 9, (size,), generator=gen).float() / 4
-        ts = [base + torch.randint(-2, 3, (size,), generator=gen).float() / 4 for _ in dtypes]
-    else:
-        base = torch.randn(size, generator=gen)
-        ts = [base + scale * torch.randn(size, generator=gen) for _ in dtypes]
-    return base.to(base_dtype), [t.to(dt) for t, dt in zip(ts, dtypes)]
 
 
 def gpu(base, ts):
@@ -51,14 +39,6 @@ def check_merge(base, ts, *args, **kw):
 
 
 # ---------------------------------------------------------------- ties_merge
-
-
-@pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_ties_merge_matches_reference(size, dtype):
-    gen = torch.Generator().manual_seed(size + 17 * DTYPES.index(dtype))
-    base, ts = models(size, [dtype] * 3, gen)
-    check_merge(base, ts, [1.0, -0.5, 0.7], [0.3, 0.55, 1.0], lam=0.9)
 
 
 @pytest.mark.parametrize("size", [1000, MERGE_TILE * 3 + 17, ODD])
@@ -84,46 +64,6 @@ def test_one_run_of_equal_keys(k):
     density = k / size
     for trim_ties in ("exact", "inclusive"):
         check_merge(base, [t, -t], [1.0, 0.25], [density, 0.5], trim_ties=trim_ties)
-
-
-@pytest.mark.parametrize("n_models", range(1, 9))
-def test_model_counts_and_mixed_dtypes(n_models):
-    gen = torch.Generator().manual_seed(100 + n_models)
-    dts = [DTYPES[(i + 1) % 3] for i in range(n_models)]
-    base, ts = models(5003, dts, gen, base_dtype=torch.float16)
-    weights = [(-1) ** i * (0.4 + i / 5) for i in range(n_models)]
-    densities = [(i + 1) / (n_models + 1) for i in range(n_models)]
-    for out_dtype in DTYPES:
-        kw = dict(out_dtype=out_dtype, consensus="count" if n_models % 2 else "sum")
-        check_merge(base, ts, weights, densities, **kw)
-
-
-@pytest.mark.parametrize("densities", [0.0, 1.0, 1e-12, 0.9999999, 2.0, -0.5, [0.0, 1.0, 0.5], [1.0, 0.0, 1e-3]])
-@pytest.mark.parametrize("tiny", [False, True])
-def test_density_edges(densities, tiny):
-    gen = torch.Generator().manual_seed(7 + tiny)
-    base, ts = models(3001, [torch.bfloat16] * 3, gen, tiny=tiny)
-    check_merge(base, ts, [1.0, 2.0, -1.0], densities)
-
-
-def test_weights_that_cancel_and_zero_weights():
-    gen = torch.Generator().manual_seed(8)
-    base, ts = models(4000, [torch.float32] * 4, gen, tiny=True)
-    for weights in ([1.0, -1.0, 1.0, -1.0], [0.0, -0.0, 1.0, 0.0], [-2.0, -0.5, -1.0, -3.0]):
-        for normalize in (True, False):
-            check_merge(base, ts, weights, 0.6, normalize=normalize)
-
-
-def test_special_values():
-    specials = [0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-45, -1e-40, 3e38, -3e38, 1.0]
-    vals = torch.tensor(specials, dtype=torch.float32)
-    base = vals.repeat(len(specials) * 2)
-    a = vals.repeat_interleave(len(specials)).repeat(2)
-    b = torch.cat([vals.flip(0).repeat(len(specials)), vals.repeat(len(specials))])
-    for trim_ties in ("exact", "inclusive"):
-        for consensus in ("sum", "count"):
-            for density in (0.3, 0.9, 1.0):
-                check_merge(base, [a, b], [1.0, 0.5], density, trim_ties=trim_ties, consensus=consensus)
 
 
 def test_shapes_views_and_defaults():
@@ -174,20 +114,7 @@ def test_dispatch_and_stream():
 
 def test_errors():
     x = torch.ones(4)
-    cases = [
-        dict(base=None, tensors=[x]),
-        dict(base=x, tensors=[]),
-        dict(base=x, tensors=[torch.ones(5)]),
-        dict(base=x, tensors=[x], consensus="median"),
-        dict(base=x, tensors=[x], trim_ties="loose"),
-        dict(base=x, tensors=[x, x], weights=[1.0]),
-        dict(base=x, tensors=[x], densities=float("nan")),
-        dict(base=x, tensors=[x], weights=[float("inf")]),
-        dict(base=x, tensors=[x], lam=float("nan")),
-        dict(base=x, tensors=[x], out_dtype=torch.int32),
-        dict(base=x, tensors=[x.double()]),
-    ]
-    for case in cases:
+    for case in ties_error_cases(x, torch.ones(5)):
         base, tensors = case.pop("base"), case.pop("tensors")
         with pytest.raises(ValueError):
             reference.ties_merge(base, tensors, **case)
@@ -211,134 +138,10 @@ def test_errors():
 # ---------------------------------------------------------------- model scope
 
 
-def thresholds_for(base, ts, quantile):
-    tau = [(t.float() - base.float()).abs().reshape(-1) for t in ts]
-    return [float(x[:: max(1, x.numel() // 2000)].quantile(quantile)) if x.numel() else 0.0 for x in tau]
-
-
-@pytest.mark.parametrize("size", [0, 1, 7, 1000, ODD])
-@pytest.mark.parametrize("tiny", [False, True])
-def test_ties_sign_sum_matches_reference(size, tiny):
-    gen = torch.Generator().manual_seed(size + tiny)
-    base, ts = models(size, [torch.bfloat16, torch.float32, torch.float16], gen, tiny=tiny)
-    for th in ([0.0, 0.0, 0.0], thresholds_for(base, ts, 0.6) if size else [0.1] * 3, [1e30, 0.0, 0.25]):
-        got = cuda.ties_sign_sum(*gpu(base, ts), th)
-        assert isinstance(got, int) and got == reference.ties_sign_sum(base, ts, th)
-
-
-@pytest.mark.parametrize("size", [0, 1, 7, 1000, ODD])
-@pytest.mark.parametrize("merge", ["dis-mean", "dis-sum"])
-def test_ties_merge_model_matches_reference(size, merge):
-    gen = torch.Generator().manual_seed(size + len(merge))
-    for tiny in (False, True):
-        base, ts = models(size, [torch.bfloat16, torch.float16, torch.bfloat16, torch.float32], gen, tiny=tiny)
-        th = thresholds_for(base, ts, 0.5) if size else [0.0] * 4
-        for fallback, out_dtype in ((-3, None), (0, torch.float32), (1, torch.float16)):
-            kw = dict(lam=0.7, merge=merge, out_dtype=out_dtype)
-            ref = reference.ties_merge_model(base, ts, th, fallback, **kw)
-            assert_bits_equal(cuda.ties_merge_model(*gpu(base, ts), th, fallback, **kw).cpu(), ref)
-
-
 def test_worked_example():
-    tau = torch.tensor([
-        [0.30, -0.10, 0.05, 0, -0.40, 0.20, 0.01, -0.02, 0.50, -0.30],
-        [-0.20, -0.30, 0.10, 0, 0.40, -0.10, 0.02, 0.03, 0.10, 0.20],
-        [0.10, 0.20, -0.60, 0, -0.10, 0.30, 0, -0.05, 0.20, -0.10],
-    ])
-    zero = torch.zeros(10)
-    th = [reference.ties.ties_model_threshold(t.abs(), 0.4) for t in tau]
-    fb = cuda.ties_sign_sum(zero.cuda(), list(tau.cuda()), th)
-    assert fb == reference.ties_sign_sum(zero, list(tau), th)
-    got = cuda.ties_merge_model(zero.cuda(), list(tau.cuda()), th, fb).cpu()
-    torch.testing.assert_close(got, torch.tensor([0.2, -0.3, -0.6, 0, -0.25, 0.25, 0, 0, 0.8 / 3, -0.2]))
-    assert_bits_equal(got, reference.ties_merge_model(zero, list(tau), th, fb))
-
-
-def test_model_scope_errors():
-    x = torch.ones(4)
-    for call in (
-        lambda m, x: m.ties_sign_sum(None, [x], [0.0]),
-        lambda m, x: m.ties_sign_sum(x, [x], [-1.0]),
-        lambda m, x: m.ties_sign_sum(x, [x, x], [0.0]),
-        lambda m, x: m.ties_merge_model(x, [x], [0.0], 1, merge="mean"),
-        lambda m, x: m.ties_merge_model(x, [x], [0.0], True),
-        lambda m, x: m.ties_merge_model(x, [x], [float("nan")], 1),
-        lambda m, x: m.ties_merge_model(x, [x], [0.0], 1, lam=float("inf")),
-    ):
-        with pytest.raises(ValueError):
-            call(reference, x)
-        with pytest.raises(ValueError):
-            call(cuda, x.cuda())
-
-
-# ---------------------------------------------------------------- properties
-
-try:
-    from hypothesis import HealthCheck, given, settings
-    from hypothesis import strategies as st
-except ImportError:  # pragma: no cover
-    given = None
-
-if given is not None:
-    _settings = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-    def _draw_models(shape, in_dtypes, base_dtype, tiny, seed):
-        gen = torch.Generator().manual_seed(seed)
-        size = 1
-        for d in shape:
-            size *= d
-        base, ts = models(size, in_dtypes, gen, base_dtype=base_dtype, tiny=tiny, scale=0.3)
-        return base.reshape(shape), [t.reshape(shape) for t in ts]
-
-    @_settings
-    @given(
-        shape=st.lists(st.integers(0, 40), min_size=0, max_size=3),
-        in_dtypes=st.lists(st.sampled_from(DTYPES), min_size=1, max_size=5),
-        base_dtype=st.sampled_from(DTYPES),
-        out_dtype=st.sampled_from(DTYPES),
-        weights=st.lists(st.floats(-3, 3, allow_nan=False, width=32), min_size=5, max_size=5),
-        densities=st.lists(st.floats(-0.2, 1.2, allow_nan=False), min_size=5, max_size=5),
-        lam=st.floats(-2, 2, allow_nan=False),
-        normalize=st.booleans(),
-        consensus=st.sampled_from(["sum", "count"]),
-        trim_ties=st.sampled_from(["exact", "inclusive"]),
-        tiny=st.booleans(),
-        seed=st.integers(0, 2**31 - 1),
-    )
-    def test_property_ties_merge(shape, in_dtypes, base_dtype, out_dtype, weights, densities, lam, normalize, consensus,
-                                 trim_ties, tiny, seed):
-        base, ts = _draw_models(shape, in_dtypes, base_dtype, tiny, seed)
-        n = len(ts)
-        kw = dict(lam=lam, normalize=normalize, consensus=consensus, trim_ties=trim_ties, out_dtype=out_dtype)
-        check_merge(base, ts, weights[:n], densities[:n], **kw)
-
-    @_settings
-    @given(
-        size=st.integers(0, 20_000),
-        in_dtypes=st.lists(st.sampled_from(DTYPES), min_size=1, max_size=5),
-        thresholds=st.lists(st.sampled_from([0.0, 0.25, 0.3, 0.5, 1e-3, 2.0]), min_size=5, max_size=5),
-        tiny=st.booleans(),
-        seed=st.integers(0, 2**31 - 1),
-    )
-    def test_property_ties_sign_sum(size, in_dtypes, thresholds, tiny, seed):
-        base, ts = _draw_models([size], in_dtypes, torch.float32, tiny, seed)
-        th = thresholds[: len(ts)]
-        assert cuda.ties_sign_sum(*gpu(base, ts), th) == reference.ties_sign_sum(base, ts, th)
-
-    @_settings
-    @given(
-        shape=st.lists(st.integers(0, 30), min_size=0, max_size=2),
-        in_dtypes=st.lists(st.sampled_from(DTYPES), min_size=1, max_size=5),
-        base_dtype=st.sampled_from(DTYPES),
-        thresholds=st.lists(st.sampled_from([0.0, 0.25, 0.3, 0.5, 1e-3, 2.0]), min_size=5, max_size=5),
-        fallback=st.integers(-2, 2),
-        lam=st.floats(-2, 2, allow_nan=False),
-        merge=st.sampled_from(["dis-mean", "dis-sum"]),
-        tiny=st.booleans(),
-        seed=st.integers(0, 2**31 - 1),
-    )
-    def test_property_ties_merge_model(shape, in_dtypes, base_dtype, thresholds, fallback, lam, merge, tiny, seed):
-        base, ts = _draw_models(shape, in_dtypes, base_dtype, tiny, seed)
-        th = thresholds[: len(ts)]
-        ref = reference.ties_merge_model(base, ts, th, fallback, lam=lam, merge=merge)
-        assert_bits_equal(cuda.ties_merge_model(*gpu(base, ts), th, fallback, lam=lam, merge=merge).cpu(), ref)
+    zero, tau, th = worked_example()
+    fb = cuda.ties_sign_sum(*gpu(zero, tau), th)
+    assert fb == reference.ties_sign_sum(zero, tau, th)
+    got = cuda.ties_merge_model(*gpu(zero, tau), th, fb).cpu()
+    torch.testing.assert_close(got, torch.tensor(WORKED_MERGED))
+    assert_bits_equal(got, reference.ties_merge_model(zero, tau, th, fb))

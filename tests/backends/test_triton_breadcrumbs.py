@@ -1,4 +1,5 @@
-"""Triton breadcrumbs kernel (breadcrumbs, breadcrumbs_ties), bit for bit against the torch reference."""
+"""Triton breadcrumbs kernel (breadcrumbs, breadcrumbs_ties), bit for bit against the torch reference: the
+triton-only tests. The tests shared with the other backends are in test_breadcrumbs.py."""
 
 from __future__ import annotations
 
@@ -12,28 +13,18 @@ from pymerge.backends import triton as tb  # noqa: E402
 from pymerge.ops import reference  # noqa: E402
 from pymerge.testing import assert_bits_equal  # noqa: E402
 
-pytestmark = [
-    pytest.mark.skipif(not tb.available(), reason="needs a GPU or TRITON_INTERPRET=1"),
-    # the interpreter evaluates IEEE arithmetic with numpy, which warns on inf / NaN results
-    pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning"),
-]
+from .cases import DTYPES, TRITON, breadcrumbs_error_cases, shaped_models, special_grid  # noqa: E402
+from .cases import models as _models  # noqa: E402
 
-DEVICE = "cpu" if tb.interpreted() else "cuda"
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+pytestmark = TRITON.marks
+DEVICE = TRITON.device
 BLOCK = 1024  # triton_kernels.histogram.BLOCK_SIZE
 ODD = 2 * BLOCK + 37
 
 
-def models(size, dtypes, gen, *, base_dtype=None, tiny=False, scale=0.01):
+def models(size, dtypes, gen, **kw):
     """(base, tensors); tiny: values from a small exact set, so |tau| ties everywhere."""
-    base_dtype = base_dtype or dtypes[0]
-    if tiny:
-        base = torch.randint(-8, 9, (size,), generator=gen).float() / 4
-        ts = [base + torch.randint(-3, 4, (size,), generator=gen).float() / 4 for _ in dtypes]
-    else:
-        base = torch.randn(size, generator=gen)
-        ts = [base + scale * torch.randn(size, generator=gen) for _ in dtypes]
-    return base.to(base_dtype), [t.to(dt) for t, dt in zip(ts, dtypes)]
+    return _models(size, dtypes, gen, steps=3, **kw)
 
 
 def dev(base, ts):
@@ -43,17 +34,6 @@ def dev(base, ts):
 def check(got, ref):
     assert got.device.type == torch.device(DEVICE).type
     assert_bits_equal(got.cpu(), ref)
-
-
-@pytest.mark.parametrize("size,dtype", [(0, torch.float32), (1, torch.float16), (7, torch.bfloat16), (1000, torch.float32)]
-                         + [(ODD, dt) for dt in DTYPES])
-def test_matches_reference(size, dtype):
-    gen = torch.Generator().manual_seed(size + 41 * DTYPES.index(dtype))
-    base, ts = models(size, [dtype] * 3, gen)
-    args = ([1.0, -0.6, 0.8], [0.3, 0.7, 0.9], [0.01, 0.05, 0.1])
-    for combine in ("linear", "ties"):
-        kw = dict(combine=combine, lam=0.8)
-        check(tb.breadcrumbs_merge(*dev(base, ts), *args, **kw), reference.breadcrumbs_merge(base, ts, *args, **kw))
 
 
 @pytest.mark.parametrize("combine,normalize,consensus", [("linear", False, "sum"), ("linear", True, "sum"),
@@ -93,10 +73,7 @@ def test_model_counts_and_mixed_dtypes(n_models):
 
 
 def test_special_values_shapes_and_dispatch():
-    specials = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-45, 3e38, -1.0, 0.5, 2.0])
-    base = specials.repeat(10)
-    a = specials.repeat_interleave(10)
-    b = specials.flip(0).repeat(10)
+    base, a, b = special_grid()
     for combine, densities, gammas in (("linear", 0.5, 0.1), ("ties", 0.9, 0.05), ("ties", 1.0, 0.0)):
         ref = reference.breadcrumbs_merge(base, [a, b], [1.0, 0.5], densities, gammas, combine=combine)
         check(tb.breadcrumbs_merge(*dev(base, [a, b]), [1.0, 0.5], densities, gammas, combine=combine), ref)
@@ -110,18 +87,7 @@ def test_special_values_shapes_and_dispatch():
 
 def test_errors_match_reference():
     x = torch.ones(4, device=DEVICE)
-    cases = [
-        dict(base=None, tensors=[x]),
-        dict(base=x, tensors=[x], combine="x"),
-        dict(base=x, tensors=[x], consensus="x"),
-        dict(base=x, tensors=[x], densities=float("nan")),
-        dict(base=x, tensors=[x], gammas=float("nan")),
-        dict(base=x, tensors=[x, x], gammas=[0.1]),
-        dict(base=x, tensors=[x, x], weights=[1.0, -1.0], normalize=True),
-        dict(base=x, tensors=[x], lam=float("nan"), combine="ties"),
-        dict(base=x, tensors=[x], out_dtype=torch.float64),
-    ]
-    for case in cases:
+    for case in breadcrumbs_error_cases(x):
         base, tensors = case.pop("base"), case.pop("tensors")
         with pytest.raises(ValueError):
             reference.breadcrumbs_merge(base, tensors, **case)
@@ -155,12 +121,7 @@ if given is not None:
     )
     def test_property_breadcrumbs_merge(shape, in_dtypes, base_dtype, out_dtype, weights, densities, gammas, lam,
                                         normalize, combine, consensus, tiny, seed):
-        gen = torch.Generator().manual_seed(seed)
-        size = 1
-        for d in shape:
-            size *= d
-        base, ts = models(size, in_dtypes, gen, base_dtype=base_dtype, tiny=tiny, scale=0.3)
-        base, ts = base.reshape(shape), [t.reshape(shape) for t in ts]
+        base, ts = shaped_models(shape, in_dtypes, base_dtype, tiny, seed, steps=3)
         n = len(ts)
         w = weights[:n]
         if normalize and combine == "linear" and sum(w) == 0.0:

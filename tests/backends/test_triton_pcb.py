@@ -13,8 +13,6 @@ reference calls, are within 1 ulp of those but not correctly rounded everywhere.
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
@@ -26,56 +24,16 @@ import pymerge.ops  # noqa: E402
 from pymerge.backends import cpu  # noqa: E402
 from pymerge.backends import triton as tb  # noqa: E402
 from pymerge.ops.reference import pcb as ref  # noqa: E402
-from pymerge.testing import assert_bits_equal  # noqa: E402
 
-pytestmark = [
-    pytest.mark.skipif(not tb.available(), reason="needs a GPU or TRITON_INTERPRET=1"),
-    # the interpreter evaluates IEEE arithmetic with numpy, which warns on inf / NaN results
-    pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning"),
-]
+from .cases import DTYPES, TRITON, exact_math, pcb_error_cases, pcb_stats_length_errors, ulp_distance, bits  # noqa: E402
+from .cases import assert_bits_equal_on_cpu as assert_bits_equal  # noqa: E402
+from .cases import exact_exp, exact_tanh, pcb_models as make, pcb_property_inputs, pcb_ref_stats as ref_stats  # noqa: E402
 
-DEVICE = "cpu" if tb.interpreted() else "cuda"
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+pytestmark = TRITON.marks
+DEVICE = TRITON.device
 BLOCK = 1024  # triton_kernels.pcb.BLOCK_SIZE
 ODD = 2 * BLOCK + 37
 SIZES = [0, 1, 7, 1000, ODD]
-
-_torch_exp, _torch_tanh = torch.exp, torch.tanh
-
-
-@contextlib.contextmanager
-def exact_math():
-    """The reference with correctly rounded fp32 exp/tanh (double, rounded once)."""
-    torch.exp = lambda x: _torch_exp(x.double()).float()
-    torch.tanh = lambda x: _torch_tanh(x.double()).float()
-    try:
-        yield
-    finally:
-        torch.exp, torch.tanh = _torch_exp, _torch_tanh
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view({torch.float32: torch.int32, torch.float64: torch.int64}.get(t.dtype, torch.int16))
-
-
-def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """|a - b| in ulps of their dtype (distance of the ordered bit patterns; +0 == -0)."""
-    ia, ib = bits(a).long(), bits(b).long()
-    top = 1 << (8 * a.element_size() - 1)
-    ka = torch.where(ia < 0, -(ia + top), ia)
-    kb = torch.where(ib < 0, -(ib + top), ib)
-    return (ka - kb).abs()
-
-
-def make(size, n, dtypes, gen, base_dtype=None, spread=0.01):
-    """A base and n fine-tunes close to it, with heavy-tailed task vectors."""
-    base = torch.randn(size, generator=gen)
-    ts = []
-    for i in range(n):
-        tau = spread * torch.randn(size, generator=gen) * torch.exp(torch.randn(size, generator=gen))
-        ts.append((base + tau).to(dtypes[i % len(dtypes)]))
-    return base.to(base_dtype or dtypes[0]), ts
-
 
 def dev(base, ts):
     return base.to(DEVICE), [t.to(DEVICE) for t in ts]
@@ -84,14 +42,6 @@ def dev(base, ts):
 def check(got, want):
     assert got.device.type == torch.device(DEVICE).type
     assert_bits_equal(got.cpu(), want)
-
-
-def ref_stats(base, ts, density, clip_ratio):
-    tau = torch.stack([t.float().reshape(-1) - base.float().reshape(-1) for t in ts])
-    lo, hi = ref.pcb_clip_bounds(tau.abs(), clip_ratio)
-    beta = ref.pcb_scores(base, ts, lo, hi)
-    q, m = ref.pcb_score_stats(beta, density)
-    return lo, hi, q, m
 
 
 # ---------------------------------------------------------------- exp / tanh
@@ -130,8 +80,8 @@ def test_exp_tanh_are_correctly_rounded_and_the_cpu_backends():
     e, t = torch.empty_like(xd), torch.empty_like(xd)
     _exp_tanh_kernel[(triton.cdiv(x.numel(), 1024),)](xd, e, t, x.numel(), BLOCK_SIZE=1024)
     e, t = e.cpu(), t.cpu()
-    assert_bits_equal(e, _torch_exp(x.double()).float())
-    assert_bits_equal(t, _torch_tanh(x.double()).float())
+    assert_bits_equal(e, exact_exp(x))
+    assert_bits_equal(t, exact_tanh(x))
     assert torch.equal(bits(t[8000:8002]), bits(x[8000:8002]))  # tanh(+-0) = +-0
     if cpu.available():
         from pymerge import _C
@@ -326,26 +276,12 @@ def test_plain_reference_outputs(out_dtype):
 
 def test_errors_match_reference():
     x = torch.zeros(4, device=DEVICE)
-    cases = [
-        (lambda f: f(x, [x], density=1.5), ValueError, "density"),
-        (lambda f: f(x, [x], clip_ratio=-0.1), ValueError, "clip_ratio"),
-        (lambda f: f(x, [x], lam=2.0, lambdas=[1.0]), ValueError, "either lam or lambdas"),
-        (lambda f: f(x, [x, x], lambdas=[1.0]), ValueError, "lambdas"),
-        (lambda f: f(x, [torch.zeros(5, device=DEVICE)]), ValueError, "shape"),
-        (lambda f: f(x, [x.double()]), ValueError, "dtype"),
-        (lambda f: f(x, []), ValueError, "at least one"),
-    ]
-    for call, exc, match in cases:
-        with pytest.raises(exc, match=match):
+    for call, match in pcb_error_cases(x, torch.zeros(5, device=x.device)):
+        with pytest.raises(ValueError, match=match):
             call(ref.pcb_merge)
-        with pytest.raises(exc, match=match):
+        with pytest.raises(ValueError, match=match):
             call(tb.pcb_merge)
-    with pytest.raises(ValueError, match="lo: 1 values for 2"):
-        tb.pcb_scores(x, [x, x], [0.0], [1.0, 1.0])
-    with pytest.raises(ValueError, match="M: 3 values for 2"):
-        tb.pcb_merge_with_stats(x, [x, x], [0.0] * 2, [1.0] * 2, [0.0] * 2, [1.0] * 3)
-    with pytest.raises(TypeError, match="base"):
-        tb.pcb_merge(None, [x])
+    pcb_stats_length_errors(tb, x)
     with pytest.raises(ValueError, match="meta"):
         tb.pcb_merge(torch.zeros(4, device="meta"), [torch.zeros(4, device="meta")])
 
@@ -375,15 +311,7 @@ if given is not None:
     )
     def test_property_matches_exact_reference(shape, in_dtypes, base_dtype, out_dtype, density, clip_ratio, lambdas, lam,
                                               quantized, seed):
-        gen = torch.Generator().manual_seed(seed)
-        base = torch.randn(shape, generator=gen)
-        ts = []
-        for dt in in_dtypes:
-            tau = 0.1 * torch.randn(shape, generator=gen)
-            if quantized:  # many equal magnitudes and scores: ties at every quantile
-                tau = torch.round(tau * 20) / 20
-            ts.append((base + tau).to(dt))
-        base = base.to(base_dtype)
+        base, ts = pcb_property_inputs(shape, in_dtypes, base_dtype, quantized, seed)
         kw = dict(out_dtype=out_dtype)
         if lambdas is not None:
             kw["lambdas"] = lambdas[: len(ts)]

@@ -1,4 +1,5 @@
-"""Triton TIES kernels (ties_merge, ties_sign_sum, ties_merge_model), bit for bit against the torch reference."""
+"""Triton TIES kernels, bit for bit against the torch reference: the triton-only tests (block
+borders, small interpreted cases). The tests shared with the other backends are in test_ties.py."""
 
 from __future__ import annotations
 
@@ -12,30 +13,13 @@ from pymerge.backends import triton as tb  # noqa: E402
 from pymerge.ops import reference  # noqa: E402
 from pymerge.testing import assert_bits_equal  # noqa: E402
 
-pytestmark = [
-    pytest.mark.skipif(not tb.available(), reason="needs a GPU or TRITON_INTERPRET=1"),
-    # the interpreter evaluates IEEE arithmetic with numpy, which warns on inf / NaN results
-    pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning"),
-]
+from .cases import (DTYPES, TRITON, WORKED_MERGED, models, shaped_models, special_pairs,  # noqa: E402
+                    thresholds_for, ties_error_cases, worked_example)
 
-DEVICE = "cpu" if tb.interpreted() else "cuda"
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+pytestmark = TRITON.marks
+DEVICE = TRITON.device
 BLOCK = 1024  # triton_kernels.histogram.BLOCK_SIZE
 ODD = 2 * BLOCK + 37  # several blocks, the last one partial
-SIZES = [0, 1, 7, 1000, ODD]
-
-
-def models(size, dtypes, gen, *, base_dtype=None, tiny=False, scale=0.01):
-    """(base, tensors): fine-tunes near a base. tiny: every value from a small exact set,
-    so |tau| takes a handful of values and the index tie-break decides most of the trim."""
-    base_dtype = base_dtype or dtypes[0]
-    if tiny:
-        base = torch.randint(-8, 9, (size,), generator=gen).float() / 4
-        ts = [base + torch.randint(-2, 3, (size,), generator=gen).float() / 4 for _ in dtypes]
-    else:
-        base = torch.randn(size, generator=gen)
-        ts = [base + scale * torch.randn(size, generator=gen) for _ in dtypes]
-    return base.to(base_dtype), [t.to(dt) for t, dt in zip(ts, dtypes)]
 
 
 def dev(base, ts):
@@ -48,14 +32,6 @@ def check(got, ref):
 
 
 # ---------------------------------------------------------------- ties_merge
-
-
-@pytest.mark.parametrize("size,dtype", list(zip(SIZES, DTYPES + DTYPES)) + [(ODD, dt) for dt in DTYPES[:2]])
-def test_ties_merge_matches_reference(size, dtype):
-    gen = torch.Generator().manual_seed(size + 17 * DTYPES.index(dtype))
-    base, ts = models(size, [dtype] * 3, gen)
-    args = ([1.0, -0.5, 0.7], [0.3, 0.55, 1.0])
-    check(tb.ties_merge(*dev(base, ts), *args, lam=0.9), reference.ties_merge(base, ts, *args, lam=0.9))
 
 
 @pytest.mark.parametrize("trim_ties", ["exact", "inclusive"])
@@ -118,11 +94,7 @@ def test_weights_that_cancel_and_zero_weights():
 
 
 def test_special_values():
-    specials = [0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-45, -1e-40, 3e38, -3e38, 1.0]
-    vals = torch.tensor(specials, dtype=torch.float32)
-    base = vals.repeat(len(specials) * 2)
-    a = vals.repeat_interleave(len(specials)).repeat(2)
-    b = torch.cat([vals.flip(0).repeat(len(specials)), vals.repeat(len(specials))])
+    base, a, b = special_pairs()
     for trim_ties in ("exact", "inclusive"):
         for consensus, density in (("sum", 0.3), ("count", 0.9)):
             kw = dict(trim_ties=trim_ties, consensus=consensus)
@@ -145,21 +117,7 @@ def test_shapes_non_contiguous_and_dispatch():
 
 
 def test_errors_match_reference():
-    x = torch.ones(4, device=DEVICE)
-    cases = [
-        dict(base=None, tensors=[x]),
-        dict(base=x, tensors=[]),
-        dict(base=x, tensors=[torch.ones(5, device=DEVICE)]),
-        dict(base=x, tensors=[x], consensus="median"),
-        dict(base=x, tensors=[x], trim_ties="loose"),
-        dict(base=x, tensors=[x, x], weights=[1.0]),
-        dict(base=x, tensors=[x], densities=float("nan")),
-        dict(base=x, tensors=[x], weights=[float("inf")]),
-        dict(base=x, tensors=[x], lam=float("nan")),
-        dict(base=x, tensors=[x], out_dtype=torch.int32),
-        dict(base=x, tensors=[x.double()]),
-    ]
-    for case in cases:
+    for case in ties_error_cases(torch.ones(4, device=DEVICE), torch.ones(5, device=DEVICE)):
         base, tensors = case.pop("base"), case.pop("tensors")
         with pytest.raises(ValueError):
             reference.ties_merge(base, tensors, **case)
@@ -170,20 +128,6 @@ def test_errors_match_reference():
 
 
 # ---------------------------------------------------------------- model scope
-
-
-def thresholds_for(base, ts, quantile):
-    tau = [(t.float() - base.float()).abs().reshape(-1) for t in ts]
-    return [float(x.quantile(quantile)) if x.numel() else 0.0 for x in tau]
-
-
-@pytest.mark.parametrize("size,tiny", [(0, False), (1, True), (7, False), (ODD, False), (ODD, True)])
-def test_ties_sign_sum_matches_reference(size, tiny):
-    gen = torch.Generator().manual_seed(size + tiny)
-    base, ts = models(size, [torch.bfloat16, torch.float32, torch.float16], gen, tiny=tiny)
-    for th in ([0.0, 0.0, 0.0], thresholds_for(base, ts, 0.6) if size else [0.1] * 3, [1e30, 0.0, 0.25]):
-        got = tb.ties_sign_sum(*dev(base, ts), th)
-        assert isinstance(got, int) and got == reference.ties_sign_sum(base, ts, th)
 
 
 @pytest.mark.parametrize("size", [0, 7, ODD])
@@ -199,17 +143,11 @@ def test_ties_merge_model_matches_reference(size, merge):
 
 def test_model_scope_worked_example_and_special_values():
     # specs/methods.md worked example, through the whole-model oracle's thresholds.
-    tau = torch.tensor([
-        [0.30, -0.10, 0.05, 0, -0.40, 0.20, 0.01, -0.02, 0.50, -0.30],
-        [-0.20, -0.30, 0.10, 0, 0.40, -0.10, 0.02, 0.03, 0.10, 0.20],
-        [0.10, 0.20, -0.60, 0, -0.10, 0.30, 0, -0.05, 0.20, -0.10],
-    ])
-    zero = torch.zeros(10)
-    th = [reference.ties.ties_model_threshold(t.abs(), 0.4) for t in tau]
-    fb = tb.ties_sign_sum(zero.to(DEVICE), list(tau.to(DEVICE)), th)
-    got = tb.ties_merge_model(zero.to(DEVICE), list(tau.to(DEVICE)), th, fb).cpu()
-    torch.testing.assert_close(got, torch.tensor([0.2, -0.3, -0.6, 0, -0.25, 0.25, 0, 0, 0.8 / 3, -0.2]))
-    assert_bits_equal(got, reference.ties_merge_model(zero, list(tau), th, fb))
+    zero, tau, th = worked_example()
+    fb = tb.ties_sign_sum(*dev(zero, tau), th)
+    got = tb.ties_merge_model(*dev(zero, tau), th, fb).cpu()
+    torch.testing.assert_close(got, torch.tensor(WORKED_MERGED))
+    assert_bits_equal(got, reference.ties_merge_model(zero, tau, th, fb))
     specials = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-45, 3e38, -3e38, 1.0, -2.0])
     base = specials.repeat(10)
     ts = [specials.repeat_interleave(10), specials.flip(0).repeat(10)]
@@ -217,23 +155,6 @@ def test_model_scope_worked_example_and_special_values():
         assert tb.ties_sign_sum(*dev(base, ts), th) == reference.ties_sign_sum(base, ts, th)
         for fallback in fallbacks:
             check(tb.ties_merge_model(*dev(base, ts), th, fallback), reference.ties_merge_model(base, ts, th, fallback))
-
-
-def test_model_scope_errors_match_reference():
-    x = torch.ones(4, device=DEVICE)
-    for call in (
-        lambda m: m.ties_sign_sum(None, [x], [0.0]),
-        lambda m: m.ties_sign_sum(x, [x], [-1.0]),
-        lambda m: m.ties_sign_sum(x, [x, x], [0.0]),
-        lambda m: m.ties_merge_model(x, [x], [0.0], 1, merge="mean"),
-        lambda m: m.ties_merge_model(x, [x], [0.0], True),
-        lambda m: m.ties_merge_model(x, [x], [float("nan")], 1),
-        lambda m: m.ties_merge_model(x, [x], [0.0], 1, lam=float("inf")),
-    ):
-        with pytest.raises(ValueError):
-            call(reference)
-        with pytest.raises(ValueError):
-            call(tb)
 
 
 # ---------------------------------------------------------------- properties
@@ -246,14 +167,6 @@ except ImportError:  # pragma: no cover
 
 if given is not None:
     FEW = settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-    def _draw_models(shape, in_dtypes, base_dtype, tiny, seed):
-        gen = torch.Generator().manual_seed(seed)
-        size = 1
-        for d in shape:
-            size *= d
-        base, ts = models(size, in_dtypes, gen, base_dtype=base_dtype, tiny=tiny, scale=0.3)
-        return base.reshape(shape), [t.reshape(shape) for t in ts]
 
     @FEW
     @given(
@@ -272,7 +185,7 @@ if given is not None:
     )
     def test_property_ties_merge(shape, in_dtypes, base_dtype, out_dtype, weights, densities, lam, normalize, consensus,
                                  trim_ties, tiny, seed):
-        base, ts = _draw_models(shape, in_dtypes, base_dtype, tiny, seed)
+        base, ts = shaped_models(shape, in_dtypes, base_dtype, tiny, seed)
         n = len(ts)
         kw = dict(lam=lam, normalize=normalize, consensus=consensus, trim_ties=trim_ties, out_dtype=out_dtype)
         ref = reference.ties_merge(base, ts, weights[:n], densities[:n], **kw)
@@ -291,7 +204,7 @@ if given is not None:
         seed=st.integers(0, 2**31 - 1),
     )
     def test_property_ties_model_scope(shape, in_dtypes, base_dtype, thresholds, fallback, lam, merge, tiny, seed):
-        base, ts = _draw_models(shape, in_dtypes, base_dtype, tiny, seed)
+        base, ts = shaped_models(shape, in_dtypes, base_dtype, tiny, seed)
         th = thresholds[: len(ts)]
         assert tb.ties_sign_sum(*dev(base, ts), th) == reference.ties_sign_sum(base, ts, th)
         ref = reference.ties_merge_model(base, ts, th, fallback, lam=lam, merge=merge)
