@@ -55,11 +55,10 @@ class Backend:
         return each_isa(fn) if self.name == "cpu" else [fn()]
 
 
-CPU = Backend("cpu", "cpu", [
-    # CI builds the extension, so there a missing build fails instead of skipping.
-    pytest.mark.skipif(not _cpu.available() and not os.environ.get("CI"),
-                       reason="pymerge._C is not built (run `pip install -e .`)"),
-])
+# CI builds the extension, so there a missing build fails instead of skipping.
+NEEDS_CPU = pytest.mark.skipif(not _cpu.available() and not os.environ.get("CI"),
+                               reason="pymerge._C is not built (run `pip install -e .`)")
+CPU = Backend("cpu", "cpu", [NEEDS_CPU])
 TRITON = Backend("triton", "cpu" if _triton.interpreted() else "cuda", [
     pytest.mark.skipif(not _triton.available(), reason="needs triton, and a GPU or TRITON_INTERPRET=1"),
     # the interpreter evaluates IEEE arithmetic with numpy, which warns on inf / NaN results
@@ -277,6 +276,13 @@ def exact_math():
         yield
     finally:
         torch.exp, torch.tanh = _torch_exp, _torch_tanh
+
+
+def assert_same_bits(actual: torch.Tensor, ref: torch.Tensor) -> None:
+    """Same dtype, shape and bits, NaN payloads and signs included (stricter than assert_bits_equal)."""
+    assert actual.dtype == ref.dtype and actual.shape == ref.shape
+    bits = {torch.float64: torch.int64, torch.float32: torch.int32, torch.int32: torch.int32}.get(ref.dtype, torch.int16)
+    assert torch.equal(actual.view(bits), ref.view(bits)), f"{int((actual.view(bits) != ref.view(bits)).sum())} differ"
 
 
 def assert_bits_equal_on_cpu(actual: torch.Tensor, expected: torch.Tensor) -> None:

@@ -17,3 +17,12 @@ def _restore_cpu_threads():
     yield
     if before is not None:
         cpu.set_num_threads(before)
+
+
+@pytest.fixture
+def torch_one_thread():
+    """The torch reference on one thread for the test (see cases.torch_on_one_thread)."""
+    from .cases import torch_on_one_thread
+
+    with torch_on_one_thread():
+        yield

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import os
 
 import pytest
 import torch
@@ -11,12 +10,10 @@ import torch
 from pymerge.backends import cpu
 from pymerge.ops import reference
 
-# CI builds the extension, so there a missing build fails instead of skipping.
-pytestmark = pytest.mark.skipif(
-    not cpu.available() and not os.environ.get("CI"), reason="pymerge._C is not built (run `pip install -e .`)"
-)
+from .cases import CPU, DTYPES, isas
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+pytestmark = CPU.marks
+
 TAG = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # Kernel layout: blocks of 2048 elements, at least 32 blocks per thread.
 BLOCK = 2048
@@ -36,14 +33,6 @@ def assert_bits_equal(actual, ref):
 
 def rand(shape, dtype, gen, scale=1.0, offset=0.0):
     return (torch.randn(shape, generator=gen) * scale + offset).to(dtype)
-
-
-def isas():
-    """The kernel clones this machine can run: the baseline one always, plus AVX2 where present."""
-    from pymerge import _C
-
-    _C._set_force_generic(False)
-    return ["generic"] if _C._kernel_isa() == "generic" else ["generic", _C._kernel_isa()]
 
 
 def check_all_isas(ref, *args, **kwargs):

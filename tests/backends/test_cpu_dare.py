@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -14,12 +13,10 @@ from pymerge.ops import reference
 from pymerge.ops.reference.dare import l1_norm_exact
 from pymerge.ops.reference.philox import dare_uniform, philox4x32_10
 
-# CI builds the extension, so there a missing build fails instead of skipping.
-pytestmark = pytest.mark.skipif(
-    not cpu.available() and not os.environ.get("CI"), reason="pymerge._C is not built (run `pip install -e .`)"
-)
+from .cases import CPU, DTYPES, models
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+pytestmark = CPU.marks
+
 BLOCK = 1024
 CHUNK = 1 << 16
 ODD = 3 * CHUNK + BLOCK // 2 + 7  # not a multiple of any block, chunk or SIMD width
@@ -47,17 +44,6 @@ def each_isa(fn):
     finally:
         _C._set_force_generic(False)
         _C._dare_philox_isa(0)
-
-
-def models(size, dtypes, gen, *, base_dtype=None, tiny=False, scale=0.01):
-    base_dtype = base_dtype or dtypes[0]
-    if tiny:
-        base = torch.randint(-8, 9, (size,), generator=gen).float() / 4
-        ts = [base + torch.randint(-2, 3, (size,), generator=gen).float() / 4 for _ in dtypes]
-    else:
-        base = torch.randn(size, generator=gen)
-        ts = [base + scale * torch.randn(size, generator=gen) for _ in dtypes]
-    return base.to(base_dtype), [t.to(dt) for t, dt in zip(ts, dtypes)]
 
 
 # ---------------------------------------------------------------- generator

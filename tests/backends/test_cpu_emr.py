@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -14,50 +13,16 @@ from pymerge.testing import assert_bits_equal
 from pymerge.ops import reference
 from pymerge.ops.reference.emr import EmrElect
 
-# CI builds the extension, so there a missing build fails instead of skipping.
-pytestmark = pytest.mark.skipif(
-    not cpu.available() and not os.environ.get("CI"), reason="pymerge._C is not built (run `pip install -e .`)"
-)
+from .cases import CPU, DTYPES, each_isa
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+pytestmark = [*CPU.marks, pytest.mark.usefixtures("torch_one_thread")]
+
 # Kernel layout: blocks of 1024 elements, at least 64 blocks per thread.
 BLOCK = 1024
 GRAIN = 64 * BLOCK
 SIZES = [0, 1, 31, 32, 33, 1000, 65537, 3 * GRAIN + BLOCK // 2 + 7]
 # fp64 sums: same terms as torch, another (fixed) summation order.
 SUM_RTOL = 1e-13
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    before, torch_before = cpu.get_num_threads(), torch.get_num_threads()
-    # The torch reference runs on one thread: its OpenMP workers spin-wait and
-    # crawl on a busy 2-core machine. The comparisons hold for any count.
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(torch_before)
-    cpu.set_num_threads(before)
-
-
-def isas():
-    from pymerge import _C
-
-    _C._set_force_generic(False)
-    return ["generic"] if _C._kernel_isa() == "generic" else ["generic", _C._kernel_isa()]
-
-
-def each_isa(fn):
-    """fn() under every kernel clone this machine runs; the list of results."""
-    from pymerge import _C
-
-    try:
-        out = []
-        for isa in isas():
-            _C._set_force_generic(isa == "generic")
-            out.append(fn())
-        return out
-    finally:
-        _C._set_force_generic(False)
 
 
 def assert_elect_equal(got: EmrElect, ref: EmrElect):

@@ -1,9 +1,9 @@
 """Digit histograms of selection keys (csrc/cpu/histogram.cpp), RadixSelect.add_histogram, and the
-model-scope statistics of ties / pcb computed through them."""
+model-scope statistics of ties / pcb computed through them: the cpu-only tests. The ops against
+torch, with the other backends, are in test_histogram.py."""
 
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
@@ -14,79 +14,13 @@ from pymerge.backends import cpu
 from pymerge.ops import selection
 from pymerge.ops.selection import RadixSelect
 
-needs_cpu = pytest.mark.skipif(not cpu.available() and not os.environ.get("CI"), reason="pymerge._C is not built (run `pip install -e .`)")
+from .cases import NEEDS_CPU as needs_cpu
+from .cases import hist_tensors as tensors
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# Histogram chunks: 32768 keys; the sizes straddle one and several chunks.
-SIZES = [0, 1, 7, 1000, 65537, 100_003]
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    if not cpu.available():
-        yield
-        return
-    before = cpu.get_num_threads()
-    yield
-    cpu.set_num_threads(before)
-
-
-def tensors(size, base_dtype, dtype, gen, specials=True):
-    base = torch.randn(size, generator=gen)
-    t = base + 0.01 * torch.randn(size, generator=gen) * torch.exp(torch.randn(size, generator=gen))
-    if specials and size >= 8:
-        t[:8] = torch.tensor([float("inf"), float("-inf"), 0.0, -0.0, 1e-40, -1e-40, 65504.0, -3e38])
-        t[2], t[3] = base[2], base[3]  # tau == 0 exactly
-    return base.to(base_dtype), t.to(dtype)
-
-
-def prefixes(high: torch.Tensor) -> list[int]:
-    """The fullest bin, the first and last nonempty ones, and an empty one."""
-    nz = high.nonzero().reshape(-1).tolist()
-    out = [0x1234]
-    if nz:
-        out += [int(high.argmax()), nz[0], nz[-1]]
-    return out
+# Histogram chunks: 32768 keys. The ops against torch at every size are in test_histogram.py.
 
 
 # ---------------------------------------------------------------- the ops against torch
-
-
-@needs_cpu
-@pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize(
-    "base_dtype,dtype",
-    [
-        (torch.float32, torch.float32),
-        (torch.bfloat16, torch.bfloat16),
-        (torch.float16, torch.float16),
-        (torch.bfloat16, torch.float32),
-        (torch.float32, torch.float16),
-    ],
-)
-def test_abs_tau_histogram_matches_torch(size, base_dtype, dtype):
-    gen = torch.Generator().manual_seed(size + 3 * DTYPES.index(dtype))
-    base, t = tensors(size, base_dtype, dtype, gen)
-    high = cpu.abs_tau_histogram(base, t, shift=16)
-    assert high.dtype == torch.int64 and high.shape == (65536,)
-    assert torch.equal(high, selection.abs_tau_histogram(base, t, shift=16))
-    assert int(high.sum()) == size
-    for p in prefixes(high):
-        assert torch.equal(cpu.abs_tau_histogram(base, t, shift=0, prefix=p), selection.abs_tau_histogram(base, t, shift=0, prefix=p))
-
-
-@needs_cpu
-@pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_order_key_histogram_matches_torch(size, dtype):
-    gen = torch.Generator().manual_seed(size + 11 * DTYPES.index(dtype))
-    v = (torch.randn(size, generator=gen) * torch.exp(3 * torch.randn(size, generator=gen))).to(dtype)
-    if size >= 8:
-        v[:8] = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), 1e-40, -1e-40, 1.0, -1.0]).to(dtype)
-    high = cpu.order_key_histogram(v, shift=16)
-    assert torch.equal(high, selection.order_key_histogram(v, shift=16))
-    for p in prefixes(high):
-        assert torch.equal(cpu.order_key_histogram(v, shift=0, prefix=p), selection.order_key_histogram(v, shift=0, prefix=p))
 
 
 @needs_cpu

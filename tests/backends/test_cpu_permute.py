@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -12,33 +11,13 @@ from pymerge.backends import cpu
 from pymerge.testing import assert_bits_equal
 from pymerge.ops import reference
 
-# CI builds the extension, so there a missing build fails instead of skipping.
-pytestmark = pytest.mark.skipif(
-    not cpu.available() and not os.environ.get("CI"), reason="pymerge._C is not built (run `pip install -e .`)"
-)
+from .cases import CPU, DTYPES, isas
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+pytestmark = [*CPU.marks, pytest.mark.usefixtures("torch_one_thread")]
+
 TILE = 1024  # kernel: work items are (row, tile of 1024 columns)
 SIZES_1D = [0, 1, 31, 32, 33, 1000, 65537, 3 * TILE + 5]
 SHAPES_2D = [(0, 5), (5, 0), (1, 1), (31, 33), (32, 32), (33, 31), (7, 3 * TILE + 5), (300, 77)]
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    before, torch_before = cpu.get_num_threads(), torch.get_num_threads()
-    # The torch reference runs on one thread: its OpenMP workers spin-wait and
-    # crawl on a busy 2-core machine. The comparisons hold for any count.
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(torch_before)
-    cpu.set_num_threads(before)
-
-
-def isas():
-    from pymerge import _C
-
-    _C._set_force_generic(False)
-    return ["generic"] if _C._kernel_isa() == "generic" else ["generic", _C._kernel_isa()]
 
 
 def check(*args, **kw):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import os
 
 import pytest
 import torch
@@ -15,35 +14,15 @@ from pymerge.testing import assert_bits_equal
 from pymerge.ops import reference
 from pymerge.ops.reference.slerp import slerp_coefficients
 
-# CI builds the extension, so there a missing build fails instead of skipping.
-pytestmark = pytest.mark.skipif(
-    not cpu.available() and not os.environ.get("CI"), reason="pymerge._C is not built (run `pip install -e .`)"
-)
+from .cases import CPU, DTYPES, isas
+
+pytestmark = [*CPU.marks, pytest.mark.usefixtures("torch_one_thread")]
 
 cpu_slerp = importlib.import_module("pymerge.backends.cpu.slerp")
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SEG = 2048  # kernel: rows are cut into segments of 2048 elements
 SHAPES = [(0,), (3, 0), (0, 5), (), (1,), (31,), (32,), (33,), (1000,), (65537,), (33, 1000), (7, 3 * SEG + 5),
           (300, 333), (4, 5, 6)]
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    before, torch_before = cpu.get_num_threads(), torch.get_num_threads()
-    # The torch reference runs on one thread: its OpenMP workers spin-wait and
-    # crawl on a busy 2-core machine. The comparisons hold for any count.
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(torch_before)
-    cpu.set_num_threads(before)
-
-
-def isas():
-    from pymerge import _C
-
-    _C._set_force_generic(False)
-    return ["generic"] if _C._kernel_isa() == "generic" else ["generic", _C._kernel_isa()]
 
 
 def check(a, b, t, **kw):

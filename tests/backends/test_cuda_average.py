@@ -12,9 +12,10 @@ from pymerge.backends import cuda
 from pymerge.ops import reference
 from pymerge.testing import assert_bits_equal
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not cuda.available(), reason="needs pymerge._C_cuda and a GPU")]
+from .cases import CUDA, DTYPES
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+pytestmark = CUDA.marks
+
 # 8 elements per thread, 256 threads per block: sizes around those, and odd ones.
 SIZES = [0, 1, 7, 8, 9, 255, 2048, 2049, 65536 + 3, 1_000_003]
 

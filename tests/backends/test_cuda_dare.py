@@ -13,9 +13,10 @@ from pymerge.ops import reference
 from pymerge.ops.reference.dare import l1_norm_exact
 from pymerge.testing import assert_bits_equal
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not cuda.available(), reason="needs pymerge._C_cuda and a GPU")]
+from .cases import CUDA, DTYPES
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+pytestmark = CUDA.marks
+
 NAME = "model.layers.0.mlp.up_proj.weight"
 
 

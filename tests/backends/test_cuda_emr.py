@@ -17,9 +17,9 @@ from pymerge.backends import cuda
 from pymerge.ops import reference
 from pymerge.testing import assert_bits_equal
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not cuda.available(), reason="needs pymerge._C_cuda and a GPU")]
+from .cases import CUDA, DTYPES
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+pytestmark = CUDA.marks
 
 
 def inputs(numel, k, dtypes, gen):

@@ -1,5 +1,6 @@
 """Digit histograms of selection keys on the GPU (csrc/cuda/histogram.cu) against the torch versions
-in pymerge.ops.selection, and RadixSelect fed with them. Needs a GPU.
+in pymerge.ops.selection, and RadixSelect fed with them: the cuda-only tests (the ops against torch
+at every size are in test_histogram.py). Needs a GPU.
 
 Kernel geometry: each block counts in 16-bit shared-memory counters and flushes them
 every 57344 elements, so the sizes below include runs of one key longer than that.
@@ -14,29 +15,12 @@ from pymerge.backends import cuda
 from pymerge.ops import selection
 from pymerge.ops.selection import RadixSelect
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not cuda.available(), reason="needs pymerge._C_cuda and a GPU")]
+from .cases import CUDA, DTYPES, prefixes
+from .cases import hist_tensors as tensors
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+pytestmark = CUDA.marks
+
 HIST_TILE = 57344
-SIZES = [0, 1, 7, 8, 1000, HIST_TILE + 1, 3 * HIST_TILE + 1001]
-
-
-def tensors(size, base_dtype, dtype, gen, specials=True):
-    base = torch.randn(size, generator=gen)
-    t = base + 0.01 * torch.randn(size, generator=gen) * torch.exp(torch.randn(size, generator=gen))
-    if specials and size >= 8:
-        t[:8] = torch.tensor([float("inf"), float("-inf"), 0.0, -0.0, 1e-40, -1e-40, 65504.0, -3e38])
-        t[2], t[3] = base[2], base[3]  # tau == 0 exactly
-    return base.to(base_dtype), t.to(dtype)
-
-
-def prefixes(high: torch.Tensor) -> list[int]:
-    """The fullest bin, the first and last nonempty ones, and an empty one."""
-    nz = high.nonzero().reshape(-1).tolist()
-    out = [0x1234]
-    if nz:
-        out += [int(high.argmax()), nz[0], nz[-1]]
-    return out
 
 
 def abs_both(base, t, **kw):
@@ -49,39 +33,6 @@ def ord_both(v, **kw):
     got = cuda.order_key_histogram(v.cuda(), **kw)
     assert got.device.type == "cuda" and got.dtype == torch.int64 and got.shape == (65536,)
     return got.cpu(), selection.order_key_histogram(v, **kw)
-
-
-@pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize(
-    "base_dtype,dtype",
-    [
-        (torch.float32, torch.float32),
-        (torch.bfloat16, torch.bfloat16),
-        (torch.float16, torch.float16),
-        (torch.bfloat16, torch.float32),
-        (torch.float32, torch.float16),
-    ],
-)
-def test_abs_tau_histogram_matches_torch(size, base_dtype, dtype):
-    gen = torch.Generator().manual_seed(size + 3 * DTYPES.index(dtype))
-    base, t = tensors(size, base_dtype, dtype, gen)
-    got, want = abs_both(base, t, shift=16)
-    assert torch.equal(got, want) and int(got.sum()) == size
-    for p in prefixes(want):
-        assert torch.equal(*abs_both(base, t, shift=0, prefix=p))
-
-
-@pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_order_key_histogram_matches_torch(size, dtype):
-    gen = torch.Generator().manual_seed(size + 11 * DTYPES.index(dtype))
-    v = (torch.randn(size, generator=gen) * torch.exp(3 * torch.randn(size, generator=gen))).to(dtype)
-    if size >= 8:
-        v[:8] = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), 1e-40, -1e-40, 1.0, -1.0]).to(dtype)
-    got, want = ord_both(v, shift=16)
-    assert torch.equal(got, want)
-    for p in prefixes(want):
-        assert torch.equal(*ord_both(v, shift=0, prefix=p))
 
 
 @pytest.mark.parametrize("size", [HIST_TILE - 1, HIST_TILE, 2 * HIST_TILE + 5, 300_001])

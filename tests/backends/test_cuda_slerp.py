@@ -19,17 +19,9 @@ from pymerge.ops import reference
 from pymerge.ops.reference.slerp import _rows, slerp_coefficients
 from pymerge.testing import assert_bits_equal
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not cuda.available(), reason="needs pymerge._C_cuda and a GPU")]
+from .cases import CUDA, DTYPES, ulp_distance as ulps
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def ulps(a, b):
-    def key(x):
-        i = x.view(torch.int32).to(torch.int64)
-        return torch.where(i < 0, -(i & 0x7FFFFFFF), i)
-
-    return (key(a) - key(b)).abs()
+pytestmark = CUDA.marks
 
 
 def check(a, b, t, out_dtype=None):

@@ -12,11 +12,13 @@ pytest.importorskip("triton")
 from pymerge import backends, ops  # noqa: E402
 from pymerge.backends import triton as tb  # noqa: E402
 from pymerge.ops import reference  # noqa: E402
+from pymerge.testing import assert_bits_equal  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not tb.available(), reason="needs a GPU or TRITON_INTERPRET=1")
+from .cases import DTYPES, TRITON  # noqa: E402
 
-DEVICE = "cpu" if tb.interpreted() else "cuda"
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+pytestmark = TRITON.marks
+
+DEVICE = TRITON.device
 BLOCK = 1024  # triton_kernels.average.BLOCK_SIZE
 SIZES = [0, 1, 7, 1000, 2 * BLOCK + 77]
 
@@ -26,17 +28,6 @@ def run(tensors, weights=None, base=None, **kw):
     tensors = [t.to(DEVICE) for t in tensors]
     base = base.to(DEVICE) if base is not None else None
     return tb.weighted_sum(tensors, weights, base=base, **kw).cpu()
-
-
-def assert_bits_equal(actual, ref):
-    """Same dtype, shape and bits (signed zeros included); any NaN matches any NaN."""
-    assert actual.dtype == ref.dtype and actual.shape == ref.shape
-    bits = torch.int32 if ref.dtype == torch.float32 else torch.int16
-    nan_a, nan_r = torch.isnan(actual), torch.isnan(ref)
-    assert torch.equal(nan_a, nan_r)
-    a, r = actual[~nan_a].view(bits), ref[~nan_r].view(bits)
-    bad = (a != r).nonzero()
-    assert bad.numel() == 0, f"{bad.numel()} mismatches, first: {actual[~nan_a][bad[0]].item()} != {ref[~nan_r][bad[0]].item()}"
 
 
 def rand(shape, dtype, gen, scale=1.0, offset=0.0):

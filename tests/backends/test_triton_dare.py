@@ -12,22 +12,15 @@ import triton.language as tl  # noqa: E402
 from pymerge.backends import triton as tb  # noqa: E402
 from pymerge.ops import reference  # noqa: E402
 from pymerge.ops.reference.philox import dare_uniform  # noqa: E402
+from pymerge.testing import assert_bits_equal  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not tb.available(), reason="needs a GPU or TRITON_INTERPRET=1")
+from .cases import DTYPES, TRITON  # noqa: E402
 
-DEVICE = "cpu" if tb.interpreted() else "cuda"
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+pytestmark = TRITON.marks
+
+DEVICE = TRITON.device
 BLOCK = 1024  # triton_kernels.dare.BLOCK_SIZE
 NAME = "model.layers.0.mlp.up_proj.weight"
-
-
-def assert_bits_equal(actual, ref):
-    assert actual.dtype == ref.dtype and actual.shape == ref.shape
-    bits = torch.int32 if ref.dtype == torch.float32 else torch.int16
-    nan_a, nan_r = torch.isnan(actual), torch.isnan(ref)
-    assert torch.equal(nan_a, nan_r)
-    a, r = actual[~nan_a].view(bits), ref[~nan_r].view(bits)
-    assert torch.equal(a, r), f"{int((a != r).sum())} of {a.numel()} differ"
 
 
 def kernels():

@@ -10,17 +10,12 @@ pytest.importorskip("triton")
 from pymerge.backends import triton as tb  # noqa: E402
 from pymerge.ops import reference  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not tb.available(), reason="needs a GPU or TRITON_INTERPRET=1")
+from .cases import DTYPES, TRITON, assert_same_bits as assert_bits_equal  # noqa: E402
 
-DEVICE = "cpu" if tb.interpreted() else "cuda"
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+pytestmark = TRITON.marks
+
+DEVICE = TRITON.device
 BLOCK = 1024  # triton_kernels.emr.BLOCK_SIZE
-
-
-def assert_bits_equal(actual, ref):
-    assert actual.dtype == ref.dtype and actual.shape == ref.shape
-    bits = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.int32: torch.int32}[ref.dtype]
-    assert torch.equal(actual.view(bits), ref.view(bits)), f"{int((actual.view(bits) != ref.view(bits)).sum())} differ"
 
 
 def check_elect(base, tensors, **kw):

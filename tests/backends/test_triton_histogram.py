@@ -1,5 +1,6 @@
 """Triton digit histograms of selection keys (abs_tau_histogram, order_key_histogram) against torch,
-their selection through histogram_op, and RadixSelect fed with them."""
+their selection through histogram_op, and RadixSelect fed with them: the triton-only tests (the ops
+against torch are in test_histogram.py)."""
 
 from __future__ import annotations
 
@@ -12,67 +13,12 @@ from pymerge.backends import triton as tb  # noqa: E402
 from pymerge.ops import reference, selection  # noqa: E402
 from pymerge.ops.selection import RadixSelect  # noqa: E402
 
-pytestmark = [
-    pytest.mark.skipif(not tb.available(), reason="needs a GPU or TRITON_INTERPRET=1"),
-    pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning"),
-]
+from .cases import TRITON  # noqa: E402
+from .cases import hist_tensors as tensors  # noqa: E402
 
-DEVICE = "cpu" if tb.interpreted() else "cuda"
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+pytestmark = TRITON.marks
+DEVICE = TRITON.device
 BLOCK = 1024  # triton_kernels.histogram.BLOCK_SIZE
-SIZES = [0, 1, 7, 2 * BLOCK + 37]
-
-
-def tensors(size, base_dtype, dtype, gen, specials=True):
-    base = torch.randn(size, generator=gen)
-    t = base + 0.01 * torch.randn(size, generator=gen) * torch.exp(torch.randn(size, generator=gen))
-    if specials and size >= 8:
-        t[:8] = torch.tensor([float("inf"), float("-inf"), 0.0, -0.0, 1e-40, -1e-40, 65504.0, -3e38])
-        t[2], t[3] = base[2], base[3]  # tau == 0 exactly
-    return base.to(base_dtype), t.to(dtype)
-
-
-def prefixes(high: torch.Tensor) -> list[int]:
-    """The fullest bin, the first and last nonempty ones, and an empty one."""
-    nz = high.nonzero().reshape(-1).tolist()
-    out = [0x1234]
-    if nz:
-        out += [int(high.argmax()), nz[0], nz[-1]]
-    return out
-
-
-def same(got, want):
-    assert got.dtype == torch.int64 and got.shape == (65536,) and got.device.type == torch.device(DEVICE).type
-    return torch.equal(got.cpu(), want)
-
-
-@pytest.mark.parametrize(
-    "size,base_dtype,dtype",
-    [(0, torch.float32, torch.float32), (1, torch.float16, torch.float16), (7, torch.bfloat16, torch.float32)]
-    + [(SIZES[-1], bd, dt) for bd, dt in [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
-                                          (torch.float16, torch.float16), (torch.bfloat16, torch.float32)]],
-)
-def test_abs_tau_histogram_matches_torch(size, base_dtype, dtype):
-    gen = torch.Generator().manual_seed(size + 3 * DTYPES.index(dtype))
-    base, t = tensors(size, base_dtype, dtype, gen)
-    high = tb.abs_tau_histogram(base.to(DEVICE), t.to(DEVICE), shift=16)
-    want = selection.abs_tau_histogram(base, t, shift=16)
-    assert same(high, want) and int(want.sum()) == size
-    for p in prefixes(want):
-        got = tb.abs_tau_histogram(base.to(DEVICE), t.to(DEVICE), shift=0, prefix=p)
-        assert same(got, selection.abs_tau_histogram(base, t, shift=0, prefix=p))
-
-
-@pytest.mark.parametrize("size,dtype", list(zip(SIZES, DTYPES + DTYPES)) + [(SIZES[-1], dt) for dt in DTYPES[:2]])
-def test_order_key_histogram_matches_torch(size, dtype):
-    gen = torch.Generator().manual_seed(size + 11 * DTYPES.index(dtype))
-    v = (torch.randn(size, generator=gen) * torch.exp(3 * torch.randn(size, generator=gen))).to(dtype)
-    if size >= 8:
-        v[:8] = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), 1e-40, -1e-40, 1.0, -1.0]).to(dtype)
-    want = selection.order_key_histogram(v, shift=16)
-    assert same(tb.order_key_histogram(v.to(DEVICE), shift=16), want)
-    for p in prefixes(want):
-        assert same(tb.order_key_histogram(v.to(DEVICE), shift=0, prefix=p), selection.order_key_histogram(v, shift=0, prefix=p))
 
 
 def test_nan_goes_to_the_last_bin_and_minus_zero_is_zero():

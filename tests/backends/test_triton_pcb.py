@@ -1,4 +1,6 @@
-"""Triton PCB kernels (pcb_scores, pcb_merge_with_stats, pcb_merge) against the torch reference.
+"""Triton PCB kernels (pcb_scores, pcb_merge_with_stats, pcb_merge) against the torch reference: the
+triton-only tests (exp / tanh in a kernel, small interpreted cases). The tests shared with the
+other backends are in test_pcb.py.
 
 The kernels evaluate exp and tanh with the CPU backend's fp64 sequence, rounded once:
 the correctly rounded fp32 values (checked here against fp64 exp/tanh and against
@@ -25,7 +27,7 @@ from pymerge.backends import cpu  # noqa: E402
 from pymerge.backends import triton as tb  # noqa: E402
 from pymerge.ops.reference import pcb as ref  # noqa: E402
 
-from .cases import DTYPES, TRITON, exact_math, pcb_error_cases, pcb_stats_length_errors, ulp_distance, bits  # noqa: E402
+from .cases import DTYPES, TRITON, exact_math, ulp_distance, bits  # noqa: E402
 from .cases import assert_bits_equal_on_cpu as assert_bits_equal  # noqa: E402
 from .cases import exact_exp, exact_tanh, pcb_models as make, pcb_property_inputs, pcb_ref_stats as ref_stats  # noqa: E402
 
@@ -33,7 +35,6 @@ pytestmark = TRITON.marks
 DEVICE = TRITON.device
 BLOCK = 1024  # triton_kernels.pcb.BLOCK_SIZE
 ODD = 2 * BLOCK + 37
-SIZES = [0, 1, 7, 1000, ODD]
 
 def dev(base, ts):
     return base.to(DEVICE), [t.to(DEVICE) for t in ts]
@@ -93,18 +94,6 @@ def test_exp_tanh_are_correctly_rounded_and_the_cpu_backends():
 # ---------------------------------------------------------------- bit for bit with exact math
 
 
-@pytest.mark.parametrize("size,dtype", list(zip(SIZES, DTYPES + DTYPES)))
-def test_scores(size, dtype):
-    gen = torch.Generator().manual_seed(size + 7 * DTYPES.index(dtype))
-    base, ts = make(size, 3, [dtype], gen)
-    lo, hi, _, _ = ref_stats(base, ts, 0.1, 0.01)
-    got = tb.pcb_scores(*dev(base, ts), lo, hi)
-    with exact_math():
-        want = ref.pcb_scores(base, ts, lo, hi)
-    check(got, want)
-    assert got.shape == (3, size)
-
-
 @pytest.mark.parametrize("size,dtype,n_models", [(1, torch.float32, 1), (7, torch.float16, 4), (1000, torch.bfloat16, 2),
                                                  (ODD, torch.float32, 3)])
 def test_merge_with_stats(size, dtype, n_models):
@@ -149,20 +138,6 @@ def test_pcb_merge(size, n_models, density, clip_ratio):
         assert_bits_equal(glo, lo)
         assert_bits_equal(ghi, hi)
         assert gq.tolist() == q.tolist() and gm.tolist() == m.tolist()
-
-
-@pytest.mark.parametrize("density,clip_ratio,out_dtype", [(0.0, 0.2, torch.float32), (0.1, 0.01, torch.float16),
-                                                           (1.0, 0.0, torch.bfloat16)])
-def test_pcb_merge_parameters_and_mixed_dtypes(density, clip_ratio, out_dtype):
-    gen = torch.Generator().manual_seed(int(100 * density + 1000 * clip_ratio))
-    base, ts = make(500, 3, [torch.bfloat16, torch.float16, torch.float32], gen, base_dtype=torch.bfloat16)
-    lambdas = [0.3, -1.2, 2.0]
-    with exact_math():
-        want = ref.pcb_merge(base, ts, density=density, clip_ratio=clip_ratio, lam=1.5, out_dtype=out_dtype)
-        want_l = ref.pcb_merge(base, ts, density=density, clip_ratio=clip_ratio, lambdas=lambdas, out_dtype=out_dtype)
-    db, dts = dev(base, ts)
-    check(tb.pcb_merge(db, dts, density=density, clip_ratio=clip_ratio, lam=1.5, out_dtype=out_dtype), want)
-    check(tb.pcb_merge(db, dts, density=density, clip_ratio=clip_ratio, lambdas=lambdas, out_dtype=out_dtype), want_l)
 
 
 def test_float64_output_and_dispatch():
@@ -269,21 +244,6 @@ def test_plain_reference_outputs(out_dtype):
         assert int(d.max()) <= 2 and float((d > 0).float().mean()) < 1e-3
     else:
         assert int(d.max()) <= 1 and float((d > 0).float().mean()) < 1e-3
-
-
-# ---------------------------------------------------------------- validation
-
-
-def test_errors_match_reference():
-    x = torch.zeros(4, device=DEVICE)
-    for call, match in pcb_error_cases(x, torch.zeros(5, device=x.device)):
-        with pytest.raises(ValueError, match=match):
-            call(ref.pcb_merge)
-        with pytest.raises(ValueError, match=match):
-            call(tb.pcb_merge)
-    pcb_stats_length_errors(tb, x)
-    with pytest.raises(ValueError, match="meta"):
-        tb.pcb_merge(torch.zeros(4, device="meta"), [torch.zeros(4, device="meta")])
 
 
 # ---------------------------------------------------------------- property test

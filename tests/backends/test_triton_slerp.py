@@ -17,31 +17,17 @@ from pymerge.backends.triton.slerp import _coefficients  # noqa: E402
 from pymerge.ops import reference  # noqa: E402
 from pymerge.ops.reference.slerp import _rows, slerp_coefficients  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not tb.available(), reason="needs a GPU or TRITON_INTERPRET=1")
+from .cases import DTYPES, TRITON, assert_same_bits as assert_bits_equal, ulp_distance  # noqa: E402
 
-DEVICE = "cpu" if tb.interpreted() else "cuda"
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+pytestmark = TRITON.marks
+
+DEVICE = TRITON.device
 
 
 def kernels():
     from pymerge.backends.triton._lib import kernels
 
     return kernels()
-
-
-def assert_bits_equal(actual, ref):
-    assert actual.dtype == ref.dtype and actual.shape == ref.shape
-    bits = torch.int32 if ref.dtype == torch.float32 else torch.int16
-    assert torch.equal(actual.view(bits), ref.view(bits)), f"{int((actual.view(bits) != ref.view(bits)).sum())} differ"
-
-
-def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """|a - b| in fp32 ulps (order-preserving integer keys)."""
-    def key(x):
-        i = x.view(torch.int32).to(torch.int64)
-        return torch.where(i < 0, -(i & 0x7FFFFFFF), i)
-
-    return (key(a) - key(b)).abs()
 
 
 def check(a, b, t, out_dtype=None):
