@@ -15,7 +15,7 @@ def _size(text: str) -> int:
     return parse_size(text)
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pymerge", description="Merge models fast, streaming tensor by tensor.")
     p.add_argument("--verbose", "-v", action="store_true", help="log what happens")
     sub = p.add_subparsers(dest="command", required=True)
@@ -49,11 +49,20 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--max-sweeps", type=int, default=100)
 
-    from pymerge.analysis.inspect_models import add_inspect_arguments
-    from pymerge.analysis.quality import add_quality_arguments
+    # inspect and quality define their arguments in pymerge.analysis (torch, numpy):
+    # imported only when one of them is the command, so other commands start fast.
+    words = [w for w in (sys.argv[1:] if argv is None else argv) if not w.startswith("-")]
+    command = words[0] if words else None
+    i = sub.add_parser("inspect", help="task-vector statistics of models against a base, streamed")
+    q = sub.add_parser("quality", help="merge quality of every method on a multi-task digits benchmark")
+    if command == "inspect":
+        from pymerge.analysis.inspect_models import add_inspect_arguments
 
-    add_inspect_arguments(sub.add_parser("inspect", help="task-vector statistics of models against a base, streamed"))
-    add_quality_arguments(sub.add_parser("quality", help="merge quality of every method on a multi-task digits benchmark"))
+        add_inspect_arguments(i)
+    elif command == "quality":
+        from pymerge.analysis.quality import add_quality_arguments
+
+        add_quality_arguments(q)
 
     d = sub.add_parser("demo", help="merge a built-in synthetic model family with several methods")
     d.add_argument("--backend", default="auto", choices=["auto", "torch", "cpu", "cuda", "triton"])
@@ -62,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser(argv).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:
         if args.command == "merge":

@@ -48,24 +48,46 @@ constexpr int64_t kSelectGrain = 1 << 15;
 
 // Histogram of (key >> shift) & 0xFFFF over keys whose high bits match `prefix`
 // (when filter is set), summed over deterministic chunks.
+//
+// Per chunk: uint32 counters (a chunk is < 2^31 keys), kCopies interleaved
+// copies (key i counts in copy i % kCopies) so that runs of equal keys do not
+// chain every increment on the previous one, and with a filter the keys that
+// miss count in rotating dummy bins instead of taking a branch.
+constexpr int64_t kCopies = 4;
+constexpr int64_t kDummies = 16;
+
 template <class KeyFn>
 std::vector<int64_t> histogram(int64_t n, const KeyFn& key_of, int shift, bool filter, uint32_t prefix) {
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(get_num_threads(), (n + kSelectGrain - 1) / kSelectGrain));
-  std::vector<std::vector<int64_t>> parts(static_cast<size_t>(chunks));
+  int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(get_num_threads(), (n + kSelectGrain - 1) / kSelectGrain));
+  chunks = std::max<int64_t>(chunks, (n >> 31) + 1);
+  constexpr int64_t kSize = kCopies * kBins + kDummies;
+  std::vector<std::vector<uint32_t>> parts(static_cast<size_t>(chunks));
   parallel_for(chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
-      std::vector<int64_t> h(static_cast<size_t>(kBins), 0);
+      std::vector<uint32_t> h(static_cast<size_t>(kSize), 0u);
+      uint32_t* __restrict hp = h.data();
       const int64_t b = c * n / chunks, e = (c + 1) * n / chunks;
-      for (int64_t i = b; i < e; ++i) {
-        const uint32_t k = key_of(i);
-        if (!filter || (k >> kRadixBits) == prefix) ++h[(k >> shift) & 0xFFFFu];
+      if (!filter) {
+        int64_t i = b;
+        for (; i + kCopies <= e; i += kCopies)
+          for (int64_t l = 0; l < kCopies; ++l) ++hp[((key_of(i + l) >> shift) & 0xFFFFu) * kCopies + l];
+        for (; i < e; ++i) ++hp[((key_of(i) >> shift) & 0xFFFFu) * kCopies];
+      } else {
+        for (int64_t i = b; i < e; ++i) {
+          const uint32_t k = key_of(i);
+          const uint32_t hit = ((k >> shift) & 0xFFFFu) * uint32_t(kCopies) + uint32_t(i % kCopies);
+          const uint32_t miss = uint32_t(kCopies * kBins + i % kDummies);
+          const uint32_t m = 0u - uint32_t((k >> kRadixBits) == prefix);
+          ++hp[(hit & m) | (miss & ~m)];
+        }
       }
       parts[static_cast<size_t>(c)] = std::move(h);
     }
   });
   std::vector<int64_t> total(static_cast<size_t>(kBins), 0);
   for (const auto& h : parts)
-    for (int64_t j = 0; j < kBins; ++j) total[static_cast<size_t>(j)] += h[static_cast<size_t>(j)];
+    for (int64_t j = 0; j < kBins; ++j)
+      for (int64_t l = 0; l < kCopies; ++l) total[static_cast<size_t>(j)] += h[static_cast<size_t>(j * kCopies + l)];
   return total;
 }
 

@@ -4,7 +4,7 @@
 // Per model, rank |tau_i| descending with equal values in flat index order and
 // keep ranks [n_top, n_top + n_keep): that is the exact top-(n_top + n_keep)
 // set minus the exact top-n_top set, two selections with the index tie-break
-// at both ends. Both come out of the same two radix sweeps (sparse_common.h).
+// at both ends. Both come out of the same selection sweep (sparse_common.h).
 // Then linear_combine or the TIES steps 2-6, one rounding to the output dtype.
 
 #include <cstdint>

@@ -2,16 +2,17 @@
 // reference pymerge/ops/reference/dare.py, philox.py).
 //
 // keep_{i,p} = u < fp32(density_i), u from Philox 4x32-10 keyed by (name, seed, i)
-// with the flat index p as counter (common/philox.h): masks are regenerated in
-// every pass instead of stored. Per model, tau_hat = keep ? fp32(tau * f_i) : +0,
+// with the flat index p as counter (common/philox.h). The "l1" norm pass stores
+// the masks bit-packed (1 bit per element and model) for the merge pass, which
+// otherwise regenerates them. Per model, tau_hat = keep ? fp32(tau * f_i) : +0,
 // with f_i = 1 for "no rescale" (tau * 1 == tau). Then linear_combine or the
 // TIES steps 2-6 (sparse_common.h), one rounding to the output dtype.
 //
 // Rescale "l1": dare_l1_norms makes one pass that gives, per model, sum |tau|
 // and sum over kept |tau|, exactly: every finite fp32 |x| is m * 2^(e - 150)
-// (24-bit integer m, biased exponent e, subnormals e = 1), so the m are summed
-// in int64 per exponent (exact, any order, any thread count) and the total is
-// rounded once to fp64 - the reference's l1_norm_exact, bit for bit.
+// (24-bit integer m, biased exponent e, subnormals e = 1), so the sums are
+// integers per exponent (exact, any order, any thread count; see l1_block) and
+// the total is rounded once to fp64 - the reference's l1_norm_exact, bit for bit.
 
 #include <algorithm>
 #include <atomic>
@@ -233,26 +234,144 @@ inline void dare_masks(MaskFn fn, uint32_t* __restrict mask, int64_t off, int64_
 }
 
 // ---- exact L1 norms -------------------------------------------------------------
+//
+// Per block, every |x| whose exponent lies within 29 of the block's largest is
+// m * 2^(e - B) * 2^(B - 150) with m * 2^(e - B) < 2^53, so the block's sum of
+// them is an exact uint64 at scale 2^(B - 150) (1024 terms < 2^63), summed in
+// vector lanes. That sum goes into the per-exponent integer bins in two 32-bit
+// halves (at B and B + 32), so the bins cannot overflow. The rare smaller
+// values (and blocks holding inf / NaN) go to the bins one by one.
 
-constexpr int kExpBins = 256;
-// Interleaved accumulators: consecutive elements of equal exponent would
-// otherwise wait on each other's read-modify-write.
-constexpr int kLanes = 4;
+constexpr int kExpBins = 320;  // biased exponents 0..254, plus the high halves (+32)
 
 struct L1Acc {
-  int64_t all[kLanes][kExpBins];
-  int64_t kept[kLanes][kExpBins];
-  uint32_t nan_all;
-  uint32_t nan_kept;
+  int64_t all[kExpBins];
+  int64_t kept[kExpBins];
+  uint32_t nan_all, nan_kept, inf_all, inf_kept;
 };
 
-inline void l1_add(int64_t* __restrict all, int64_t* __restrict kept, float x, uint32_t keep) {
+inline void l1_one(L1Acc& a, float x, uint32_t keep) {
   const uint32_t bits = f32_to_bits(x) & 0x7FFFFFFFu;
   const uint32_t e = bits >> 23, frac = bits & 0x7FFFFFu;
+  if (e == 255) {
+    const uint32_t nan = frac != 0, inf = frac == 0;
+    a.nan_all |= nan;
+    a.inf_all |= inf;
+    a.nan_kept |= nan & keep & 1u;
+    a.inf_kept |= inf & keep & 1u;
+    return;
+  }
   const uint32_t mant = e ? (frac | 0x800000u) : frac;
   const uint32_t idx = e ? e : 1u;
-  all[idx] += int64_t(mant);
-  kept[idx] += int64_t(mant & keep);
+  a.all[idx] += int64_t(mant);
+  a.kept[idx] += int64_t(mant & keep);
+}
+
+inline void l1_split_add(int64_t* bins, int b, uint64_t s) {
+  bins[b] += int64_t(s & 0xFFFFFFFFu);
+  bins[b + 32] += int64_t(s >> 32);
+}
+
+#ifdef PYMERGE_SPARSE_X86_CLONES
+// The lane sums of l1_block over the first multiple of 8 elements; returns how many it did.
+__attribute__((target("avx2"))) inline int64_t l1_lanes_avx2(const float* tau, const uint32_t* mask, int64_t n,
+                                                              uint32_t lo_e, uint64_t& sa, uint64_t& sk,
+                                                              uint32_t& n_out) {
+  const __m256i abs_m = _mm256_set1_epi32(0x7FFFFFFF), frac_m = _mm256_set1_epi32(0x7FFFFF);
+  const __m256i hidden = _mm256_set1_epi32(0x800000), one = _mm256_set1_epi32(1), zero = _mm256_setzero_si256();
+  const __m256i lo = _mm256_set1_epi32(int(lo_e)), lo_m1 = _mm256_set1_epi32(int(lo_e) - 1);
+  __m256i a0 = zero, a1 = zero, k0 = zero, k1 = zero, outs = zero;
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256i x = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(tau + j)), abs_m);
+    const __m256i e = _mm256_srli_epi32(x, 23);
+    const __m256i frac = _mm256_and_si256(x, frac_m);
+    const __m256i normal = _mm256_cmpgt_epi32(e, zero);
+    const __m256i mant = _mm256_or_si256(frac, _mm256_and_si256(hidden, normal));
+    const __m256i ee = _mm256_max_epi32(e, one);
+    const __m256i in = _mm256_cmpgt_epi32(ee, lo_m1);
+    const __m256i m = _mm256_and_si256(mant, in);
+    const __m256i sh = _mm256_and_si256(_mm256_sub_epi32(ee, lo), in);
+    // out of range and nonzero: counted, summed later one by one
+    outs = _mm256_sub_epi32(outs, _mm256_andnot_si256(in, _mm256_xor_si256(_mm256_cmpeq_epi32(mant, zero), _mm256_set1_epi32(-1))));
+    const __m256i v0 = _mm256_sllv_epi64(_mm256_cvtepu32_epi64(_mm256_castsi256_si128(m)),
+                                         _mm256_cvtepu32_epi64(_mm256_castsi256_si128(sh)));
+    const __m256i v1 = _mm256_sllv_epi64(_mm256_cvtepu32_epi64(_mm256_extracti128_si256(m, 1)),
+                                         _mm256_cvtepu32_epi64(_mm256_extracti128_si256(sh, 1)));
+    const __m256i km = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(mask + j));
+    a0 = _mm256_add_epi64(a0, v0);
+    a1 = _mm256_add_epi64(a1, v1);
+    k0 = _mm256_add_epi64(k0, _mm256_and_si256(v0, _mm256_cvtepi32_epi64(_mm256_castsi256_si128(km))));
+    k1 = _mm256_add_epi64(k1, _mm256_and_si256(v1, _mm256_cvtepi32_epi64(_mm256_extracti128_si256(km, 1))));
+  }
+  alignas(32) uint64_t t[4];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(t), _mm256_add_epi64(a0, a1));
+  sa += t[0] + t[1] + t[2] + t[3];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(t), _mm256_add_epi64(k0, k1));
+  sk += t[0] + t[1] + t[2] + t[3];
+  alignas(32) uint32_t o[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(o), outs);
+  for (int l = 0; l < 8; ++l) n_out += o[l];
+  return j;
+}
+#endif
+
+// Adds |tau[j]| (and, where mask[j] is set, to the kept sum) for one block.
+inline void l1_block(L1Acc& a, const float* __restrict tau, const uint32_t* __restrict mask, int64_t n) {
+  uint32_t emax = 0;
+  for (int64_t j = 0; j < n; ++j) emax = std::max(emax, (f32_to_bits(tau[j]) >> 23) & 0xFFu);
+  if (emax == 255) {
+    for (int64_t j = 0; j < n; ++j) l1_one(a, tau[j], mask[j]);
+    return;
+  }
+  const uint32_t lo_e = emax > 30 ? emax - 29 : 1u;  // smallest exponent summed in the lanes
+  uint64_t sa = 0, sk = 0;
+  uint32_t n_out = 0;
+  int64_t j = 0;
+#ifdef PYMERGE_SPARSE_X86_CLONES
+  if (use_avx2()) j = l1_lanes_avx2(tau, mask, n, lo_e, sa, sk, n_out);
+#endif
+  for (; j < n; ++j) {
+    const uint32_t x = f32_to_bits(tau[j]) & 0x7FFFFFFFu;
+    const uint32_t e = x >> 23, frac = x & 0x7FFFFFu;
+    const uint32_t mant = e ? (frac | 0x800000u) : frac;
+    const uint32_t ee = e ? e : 1u;
+    const uint32_t in = ee >= lo_e;
+    const uint64_t v = uint64_t(mant & (0u - in)) << ((ee - lo_e) & (0u - in));
+    sa += v;
+    sk += v & (uint64_t(0) - uint64_t(mask[j] & 1u));
+    n_out += (in ^ 1u) & (mant != 0);
+  }
+  l1_split_add(a.all, int(lo_e), sa);
+  l1_split_add(a.kept, int(lo_e), sk);
+  if (n_out) {
+    for (int64_t j = 0; j < n; ++j) {
+      const uint32_t e = (f32_to_bits(tau[j]) & 0x7FFFFFFFu) >> 23;
+      if ((e ? e : 1u) < lo_e) l1_one(a, tau[j], mask[j]);
+    }
+  }
+}
+
+// Bit-packed keep masks: element p is bit p % 32 of word p / 32 of its model's plane.
+inline int64_t mask_words(int64_t numel) { return (numel + 31) / 32; }
+
+// mask[0..n) (all ones / zero) into ceil(n / 32) words; mask has room up to the next 32.
+inline void pack_masks(uint32_t* __restrict words, uint32_t* __restrict mask, int64_t n) {
+  const int64_t nw = (n + 31) / 32;
+  for (int64_t j = n; j < nw * 32; ++j) mask[j] = 0;
+  for (int64_t w = 0; w < nw; ++w) {
+    uint32_t word = 0;
+    for (int b = 0; b < 32; ++b) word |= (mask[w * 32 + b] & 1u) << b;
+    words[w] = word;
+  }
+}
+
+inline void unpack_masks(uint32_t* __restrict mask, const uint32_t* __restrict words, int64_t n) {
+  const int64_t nw = (n + 31) / 32;
+  for (int64_t w = 0; w < nw; ++w) {
+    const uint32_t word = words[w];
+    for (int b = 0; b < 32; ++b) mask[w * 32 + b] = 0u - ((word >> b) & 1u);
+  }
 }
 
 struct L1Pass {
@@ -262,14 +381,16 @@ struct L1Pass {
   const float* dens;
   int64_t chunks;
   std::vector<L1Acc>* parts;  // chunks x models
+  uint32_t* bits;             // nullptr, or per model a plane of words(numel) words: the keep masks
 
   void chunk(int64_t c) const {
     const int64_t nm = in->n;
-    std::vector<L1Acc> acc(static_cast<size_t>(nm));
-    for (auto& a : acc) {
-      std::fill(&a.all[0][0], &a.all[0][0] + kLanes * kExpBins, int64_t(0));
-      std::fill(&a.kept[0][0], &a.kept[0][0] + kLanes * kExpBins, int64_t(0));
-      a.nan_all = a.nan_kept = 0;
+    L1Acc* acc = parts->data() + c * nm;
+    for (int64_t i = 0; i < nm; ++i) {
+      L1Acc& a = acc[i];
+      std::fill(a.all, a.all + kExpBins, int64_t(0));
+      std::fill(a.kept, a.kept + kExpBins, int64_t(0));
+      a.nan_all = a.nan_kept = a.inf_all = a.inf_kept = 0;
     }
     alignas(64) float b[kBlock];
     alignas(64) float tau[kBlock];
@@ -281,29 +402,17 @@ struct L1Pass {
       for (int64_t i = 0; i < nm; ++i) {
         tau_any(in->dtypes[i], tau, b, in->models[i], off, n);
         dare_masks(mask_fn, mask, off, n, keys[i], dens[i]);
-        L1Acc& a = acc[size_t(i)];
-        uint32_t nan_all = 0, nan_kept = 0;
-        for (int64_t j = 0; j < n; ++j) {
-          const uint32_t nan = mask_of((f32_to_bits(tau[j]) & 0x7FFFFFFFu) > 0x7F800000u);
-          nan_all |= nan;
-          nan_kept |= nan & mask[j];
-        }
-        a.nan_all |= nan_all;
-        a.nan_kept |= nan_kept;
-        int64_t j = 0;
-        for (; j + kLanes <= n; j += kLanes)
-          for (int l = 0; l < kLanes; ++l) l1_add(a.all[l], a.kept[l], tau[j + l], mask[j + l]);
-        for (; j < n; ++j) l1_add(a.all[0], a.kept[0], tau[j], mask[j]);
+        l1_block(acc[i], tau, mask, n);
+        if (bits) pack_masks(bits + i * mask_words(in->numel) + off / 32, mask, n);
       }
     }
-    std::copy(acc.begin(), acc.end(), parts->begin() + c * nm);
   }
 };
 
-// sum_e m[e] * 2^(e - 150), rounded once to fp64 (nearest, ties to even).
+// sum_e m[e] * 2^(e - 150) over e < kExpBins, rounded once to fp64 (nearest, ties to even).
 double exact_to_double(const int64_t* m) {
-  constexpr int kLimbs = 6;  // m[e] < 2^63, e <= 254: the total is below 2^326
-  uint64_t limb[kLimbs] = {0, 0, 0, 0, 0, 0};
+  constexpr int kLimbs = 7;  // m[e] < 2^63, e < 320: the total is below 2^384
+  uint64_t limb[kLimbs] = {0, 0, 0, 0, 0, 0, 0};
   auto add_at = [&](int word, uint64_t v) {
     for (int w = word; w < kLimbs && v; ++w) {
       const uint64_t s = limb[w] + v;
@@ -311,7 +420,7 @@ double exact_to_double(const int64_t* m) {
       limb[w] = s;
     }
   };
-  for (int e = 1; e < 255; ++e) {
+  for (int e = 1; e < kExpBins; ++e) {
     const uint64_t v = uint64_t(m[e]);
     if (!v) continue;
     const int word = e / 64, sh = e % 64;
@@ -335,9 +444,9 @@ double exact_to_double(const int64_t* m) {
   return std::ldexp(double(mant), shift - 150);
 }
 
-double l1_value(const int64_t* m, bool nan) {
+double l1_value(const int64_t* m, bool nan, bool inf) {
   if (nan) return std::numeric_limits<double>::quiet_NaN();
-  if (m[255]) return std::numeric_limits<double>::infinity();  // an inf, and no NaN
+  if (inf) return std::numeric_limits<double>::infinity();  // an inf, and no NaN
   return exact_to_double(m);
 }
 
@@ -348,6 +457,8 @@ struct DareRows {
   const philox::Key* keys;
   const float* dens;
   const float* factors;
+  const uint32_t* bits;  // nullptr: regenerate the masks; else the planes dare_l1_norms stored
+  int64_t plane;         // words per plane
 
   struct State {};
   State start(int64_t) const { return {}; }
@@ -358,7 +469,10 @@ struct DareRows {
       return;
     }
     uint32_t* __restrict mask = s.mask;
-    dare_masks(mask_fn, mask, off, n, keys[i], dens[i]);
+    if (bits)
+      unpack_masks(mask, bits + i * plane + off / 32, n);  // off is a multiple of kBlock
+    else
+      dare_masks(mask_fn, mask, off, n, keys[i], dens[i]);
     const float* __restrict tau = s.tau;
     const float f = factors[i];
     for (int64_t j = 0; j < n; ++j) row[j] = masked(tau[j] * f, mask[j]);
@@ -395,39 +509,40 @@ std::vector<philox::Key> model_keys(const std::string& name, uint64_t seed, int6
 }  // namespace
 
 std::vector<std::pair<double, double>> dare_l1_norms(const Inputs& in, const std::string& name, uint64_t seed,
-                                                     const std::vector<float>& dens) {
+                                                     const std::vector<float>& dens, uint32_t* bits) {
   const int64_t nm = in.n;
   std::vector<std::pair<double, double>> norms(static_cast<size_t>(nm), {0.0, 0.0});
   if (in.numel <= 0) return norms;
   const auto keys = model_keys(name, seed, nm);
   const int64_t chunks = chunk_count(in.numel);
   std::vector<L1Acc> parts(static_cast<size_t>(chunks * nm));
-  run_chunks(L1Pass{&in, mask_fn(), keys.data(), dens.data(), chunks, &parts}, chunks);
+  run_chunks(L1Pass{&in, mask_fn(), keys.data(), dens.data(), chunks, &parts, bits}, chunks);
   for (int64_t i = 0; i < nm; ++i) {
     int64_t all[kExpBins] = {0}, kept[kExpBins] = {0};
-    bool nan_all = false, nan_kept = false;
+    bool nan_all = false, nan_kept = false, inf_all = false, inf_kept = false;
     for (int64_t c = 0; c < chunks; ++c) {
       const L1Acc& a = parts[size_t(c * nm + i)];
-      for (int l = 0; l < kLanes; ++l)
-        for (int e = 0; e < kExpBins; ++e) {
-          all[e] += a.all[l][e];
-          kept[e] += a.kept[l][e];
-        }
+      for (int e = 0; e < kExpBins; ++e) {
+        all[e] += a.all[e];
+        kept[e] += a.kept[e];
+      }
       nan_all |= a.nan_all != 0;
       nan_kept |= a.nan_kept != 0;
+      inf_all |= a.inf_all != 0;
+      inf_kept |= a.inf_kept != 0;
     }
-    norms[size_t(i)] = {l1_value(all, nan_all), l1_value(kept, nan_kept)};
+    norms[size_t(i)] = {l1_value(all, nan_all, inf_all), l1_value(kept, nan_kept, inf_kept)};
   }
   return norms;
 }
 
 void dare_merge(const Inputs& in, void* out, int out_dtype, const std::string& name, uint64_t seed,
                 const std::vector<float>& dens, const std::vector<float>& factors, const std::vector<float>& weights,
-                bool ties, float scale, bool normalize, bool count) {
+                bool ties, float scale, bool normalize, bool count, const uint32_t* bits) {
   if (in.numel <= 0) return;
   const auto keys = model_keys(name, seed, in.n);
   const int64_t chunks = chunk_count(in.numel);
-  const DareRows rows{mask_fn(), keys.data(), dens.data(), factors.data()};
+  const DareRows rows{mask_fn(), keys.data(), dens.data(), factors.data(), bits, mask_words(in.numel)};
   if (ties)
     merge(in, out, out_dtype, rows, TiesCombine{weights.data(), scale, normalize, count}, chunks);
   else
@@ -458,19 +573,21 @@ using pymerge::bind::SparseArgs;
 std::vector<std::pair<double, double>> dare_l1_norms_binding(const std::vector<uintptr_t>& in_ptrs,
                                                              const std::vector<int>& in_dtypes, uintptr_t base_ptr,
                                                              int base_dtype, int64_t numel, const py::bytes& name,
-                                                             uint64_t seed, const std::vector<float>& densities) {
+                                                             uint64_t seed, const std::vector<float>& densities,
+                                                             uintptr_t masks_out_ptr) {
   const SparseArgs args("dare_l1_norms", in_ptrs, in_dtypes, base_ptr, base_dtype, numel);
   args.check_per_model(densities, "densities");
   const std::string n = name;
   py::gil_scoped_release release;
-  return pymerge::cpu::sparse::dare_l1_norms(args.inputs(), n, seed, densities);
+  return pymerge::cpu::sparse::dare_l1_norms(args.inputs(), n, seed, densities,
+                                             reinterpret_cast<uint32_t*>(masks_out_ptr));
 }
 
 void dare_merge_binding(uintptr_t out_ptr, int out_dtype, const std::vector<uintptr_t>& in_ptrs,
                         const std::vector<int>& in_dtypes, uintptr_t base_ptr, int base_dtype, int64_t numel,
                         const py::bytes& name, uint64_t seed, const std::vector<float>& densities,
                         const std::vector<float>& factors, const std::vector<float>& weights, bool combine_ties,
-                        float scale, bool normalize, bool consensus_count) {
+                        float scale, bool normalize, bool consensus_count, uintptr_t masks_ptr) {
   const SparseArgs args("dare_merge", in_ptrs, in_dtypes, base_ptr, base_dtype, numel);
   args.check_per_model(densities, "densities");
   args.check_per_model(factors, "factors");
@@ -480,7 +597,8 @@ void dare_merge_binding(uintptr_t out_ptr, int out_dtype, const std::vector<uint
   const std::string n = name;
   py::gil_scoped_release release;
   pymerge::cpu::sparse::dare_merge(args.inputs(), reinterpret_cast<void*>(out_ptr), out_dtype, n, seed, densities,
-                                   factors, weights, combine_ties, scale, normalize, consensus_count);
+                                   factors, weights, combine_ties, scale, normalize, consensus_count,
+                                   reinterpret_cast<const uint32_t*>(masks_ptr));
 }
 
 void dare_keep_mask_binding(uintptr_t out_ptr, int64_t numel, const py::bytes& name, uint64_t seed,
@@ -499,14 +617,18 @@ PYMERGE_BINDINGS(dare) {
   namespace philox = pymerge::philox;
   m.def("dare_l1_norms", &dare_l1_norms_binding, py::arg("in_ptrs"), py::arg("in_dtypes"), py::arg("base_ptr"),
         py::arg("base_dtype"), py::arg("numel"), py::arg("name"), py::arg("seed"), py::arg("densities"),
+        py::arg("masks_out_ptr") = 0,
         "Per model (sum |tau|, sum over kept |tau|), each the fp64 nearest to the exact sum; name is the "
-        "tensor name's UTF-8 bytes, densities fp32.");
+        "tensor name's UTF-8 bytes, densities fp32. masks_out_ptr (0: none): int32 buffer of "
+        "n_models * ceil(numel / 32) words that receives the keep masks, bit p % 32 of word p / 32 of "
+        "each model's plane, for dare_merge(masks_ptr=...).");
   m.def("dare_merge", &dare_merge_binding, py::arg("out_ptr"), py::arg("out_dtype"), py::arg("in_ptrs"),
         py::arg("in_dtypes"), py::arg("base_ptr"), py::arg("base_dtype"), py::arg("numel"), py::arg("name"),
         py::arg("seed"), py::arg("densities"), py::arg("factors"), py::arg("weights"), py::arg("combine_ties"),
-        py::arg("scale"), py::arg("normalize"), py::arg("consensus_count"),
+        py::arg("scale"), py::arg("normalize"), py::arg("consensus_count"), py::arg("masks_ptr") = 0,
         "DARE drop (Philox mask) and rescale by the fp32 factors, then linear_combine (scale = c) or the "
-        "TIES steps 2-6 (scale = lambda); one rounding to out_dtype.");
+        "TIES steps 2-6 (scale = lambda); one rounding to out_dtype. masks_ptr (0: regenerate): the "
+        "keep masks dare_l1_norms stored for the same inputs, name, seed and densities.");
   m.def("dare_keep_mask", &dare_keep_mask_binding, py::arg("out_ptr"), py::arg("numel"), py::arg("name"),
         py::arg("seed"), py::arg("model_index"), py::arg("density"),
         "Writes the 0/1 keep mask (u < density, density fp32) of numel elements as bytes.");

@@ -28,10 +28,61 @@ inline uint32_t abs_key_nan(float x) { return select_u32(x != x, kNanKey, abs_ke
 
 inline uint32_t order_key_nan(float x) { return select_u32(x != x, kNanKey, order_key(x + 0.0f)); }
 
-template <class KeyFn>
-void histogram_into(int64_t* out, int64_t n, int shift, bool filter, uint32_t prefix, const KeyFn& key_of) {
-  const std::vector<int64_t> h = detail::histogram(n, key_of, shift, filter, prefix);
-  std::memcpy(out, h.data(), sizeof(int64_t) * h.size());
+constexpr int64_t kBlock = 1024;
+constexpr int64_t kGrain = int64_t(1) << 16;
+constexpr int64_t kCopies = detail::kCopies;
+constexpr int64_t kDummies = detail::kDummies;
+constexpr int64_t kBins = detail::kBins;
+
+// The digit histogram of keys produced a block at a time by fill(keys, begin, n)
+// (a loop the compiler vectorises), counted as detail::histogram does: per
+// chunk uint32 counters in kCopies interleaved copies; with a filter, groups of
+// 16 keys without a hit are skipped by a vectorised test and the others count
+// branch-free (misses in dummy bins).
+template <class FillFn>
+void histogram_into(int64_t* out, int64_t n, int shift, bool filter, uint32_t prefix, const FillFn& fill) {
+  int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(get_num_threads(), (n + kGrain - 1) / kGrain));
+  chunks = std::max<int64_t>(chunks, (n >> 31) + 1);
+  constexpr int64_t kSize = kCopies * kBins + kDummies;
+  std::vector<std::vector<uint32_t>> parts(static_cast<size_t>(chunks));
+  parallel_for(chunks, 1, [&](int64_t c0, int64_t c1) {
+    alignas(64) uint32_t keys[kBlock];
+    for (int64_t c = c0; c < c1; ++c) {
+      std::vector<uint32_t> h(static_cast<size_t>(kSize), 0u);
+      uint32_t* __restrict hp = h.data();
+      const int64_t b = c * n / chunks, e = (c + 1) * n / chunks;
+      for (int64_t off = b; off < e; off += kBlock) {
+        const int64_t m = std::min(kBlock, e - off);
+        fill(keys, off, m);
+        if (!filter) {
+          int64_t j = 0;
+          for (; j + kCopies <= m; j += kCopies)
+            for (int64_t l = 0; l < kCopies; ++l) ++hp[((keys[j + l] >> shift) & 0xFFFFu) * kCopies + l];
+          for (; j < m; ++j) ++hp[((keys[j] >> shift) & 0xFFFFu) * kCopies];
+          continue;
+        }
+        for (int64_t j0 = 0; j0 < m; j0 += 16) {
+          const int64_t j1 = std::min(m, j0 + 16);
+          uint32_t any = 0;
+          for (int64_t j = j0; j < j1; ++j) any |= uint32_t((keys[j] >> 16) == prefix);
+          if (!any) continue;
+          for (int64_t j = j0; j < j1; ++j) {
+            const uint32_t k = keys[j];
+            const uint32_t hit = (k & 0xFFFFu) * uint32_t(kCopies) + uint32_t(j % kCopies);
+            const uint32_t miss = uint32_t(kCopies * kBins + j % kDummies);
+            ++hp[select_u32((k >> 16) == prefix, hit, miss)];
+          }
+        }
+      }
+      parts[static_cast<size_t>(c)] = std::move(h);
+    }
+  });
+  for (int64_t j = 0; j < kBins; ++j) {
+    int64_t t = 0;
+    for (const auto& h : parts)
+      for (int64_t l = 0; l < kCopies; ++l) t += h[static_cast<size_t>(j * kCopies + l)];
+    out[j] = t;
+  }
 }
 
 }  // namespace hist
@@ -43,15 +94,20 @@ void abs_tau_histogram(int64_t* out, const void* base, int base_dtype, const voi
       constexpr int TB = decltype(tb)::value, TI = decltype(ti)::value;
       const auto* pb = static_cast<const typename Dtype<TB>::storage*>(base);
       const auto* pi = static_cast<const typename Dtype<TI>::storage*>(input);
-      hist::histogram_into(out, n, shift, filter, prefix, [pb, pi](int64_t j) {
-        return hist::abs_key_nan(Dtype<TI>::load(pi[j]) - Dtype<TB>::load(pb[j]));
+      hist::histogram_into(out, n, shift, filter, prefix, [pb, pi](uint32_t* __restrict keys, int64_t off, int64_t m) {
+        const auto* __restrict b = pb + off;
+        const auto* __restrict x = pi + off;
+        for (int64_t j = 0; j < m; ++j) keys[j] = hist::abs_key_nan(Dtype<TI>::load(x[j]) - Dtype<TB>::load(b[j]));
       });
     });
   });
 }
 
 void order_key_histogram(int64_t* out, const float* values, int64_t n, int shift, bool filter, uint32_t prefix) {
-  hist::histogram_into(out, n, shift, filter, prefix, [values](int64_t j) { return hist::order_key_nan(values[j]); });
+  hist::histogram_into(out, n, shift, filter, prefix, [values](uint32_t* __restrict keys, int64_t off, int64_t m) {
+    const float* __restrict v = values + off;
+    for (int64_t j = 0; j < m; ++j) keys[j] = hist::order_key_nan(v[j]);
+  });
 }
 
 }  // namespace cpu

@@ -5,11 +5,14 @@
 // formed on the fly, one block of kBlock elements at a time, never stored.
 //
 // - Selection (select_trims): per model, the exact "k largest |tau_i|" rule of
-//   specs/methods.md (ties at the threshold: lower flat index first) via two
-//   16-bit radix histogram sweeps. Each sweep reads theta_0 once per block and
-//   histograms all models that need it. The per-chunk low histograms also give,
-//   for free, how many threshold-equal keys precede each chunk, so the merge
-//   pass applies the index tie-break without a further sweep.
+//   specs/methods.md (ties at the threshold: lower flat index first). A sample
+//   of each model's keys brackets the threshold in a key window; one sweep
+//   (reading theta_0 once per block for all models) counts the keys at and
+//   around the window per chunk and keeps the few inside it, which gives the
+//   exact threshold and how many threshold-equal keys precede each chunk, so
+//   the merge pass applies the index tie-break without a further sweep. A
+//   request whose window missed falls back to two 16-bit radix histogram
+//   sweeps (select_trims_radix).
 // - Merge pass (MergePass): per block, each model's tau_hat row comes from a
 //   Rows policy (trim masks, DARE's Philox mask), then a combiner turns the
 //   rows into the fp32 result, rounded once to the output dtype.
@@ -25,8 +28,11 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -36,6 +42,7 @@
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define PYMERGE_SPARSE_X86_CLONES 1
+#include <immintrin.h>
 #endif
 
 #if defined(__GNUC__)
@@ -109,7 +116,11 @@ inline int64_t chunk_count(int64_t numel, int64_t hist_slots = 0) {
   return std::max<int64_t>({c, (numel >> 31) + 1, int64_t(1)});
 }
 
-inline int64_t chunk_begin(int64_t numel, int64_t chunks, int64_t c) { return c * numel / chunks; }
+// Chunks start on block boundaries, so a chunk's blocks line up with 32-bit
+// words of bit-packed per-element data (DARE's stored masks).
+inline int64_t chunk_begin(int64_t numel, int64_t chunks, int64_t c) {
+  return c >= chunks ? numel : (c * numel / chunks) / kBlock * kBlock;
+}
 
 // ---- running chunk bodies in the clone for this CPU ---------------------------
 
@@ -144,6 +155,7 @@ void run_chunks(const Pass& p, int64_t chunks) {
 }
 
 // ---- block loads and stores -----------------------------------------------------
+
 
 template <int T>
 inline void load_t(float* __restrict dst, const void* src, int64_t off, int64_t n) {
@@ -208,6 +220,19 @@ struct Trim {
 
   bool active() const { return !top.none && !top.all; }
 };
+
+// The keep rule from the key at the threshold rank, how many keys lie below it
+// and how many equal it.
+inline void finish_trim(Trim& t, uint32_t threshold, int64_t less, int64_t equal, int64_t k, int64_t numel,
+                        bool inclusive) {
+  t.top.threshold = threshold;
+  t.top.count_equal = equal;
+  t.top.take_equal = k - (numel - less - equal);
+  if (inclusive) {
+    t.top.take_equal = equal;
+    t.max_key = kInfKey;
+  }
+}
 
 // Sweep 1: histograms of the high 16 key bits of every listed model, per chunk.
 struct HighPass {
@@ -304,9 +329,10 @@ inline std::vector<int64_t> sum_parts(const std::vector<std::vector<uint32_t>>& 
   return total;
 }
 
-// The keep rule of every request, for a merge pass walking the same `chunks`.
-inline std::vector<Trim> select_trims(const Inputs& in, const std::vector<TrimRequest>& reqs, int64_t chunks,
-                                      bool inclusive) {
+// The keep rule of every request by two full radix sweeps (the fallback of
+// select_trims below), for a merge pass walking the same `chunks`.
+inline std::vector<Trim> select_trims_radix(const Inputs& in, const std::vector<TrimRequest>& reqs, int64_t chunks,
+                                            bool inclusive) {
   const int64_t numel = in.numel;
   std::vector<Trim> trims(reqs.size());
   std::vector<int64_t> hmodels;
@@ -373,13 +399,7 @@ inline std::vector<Trim> select_trims(const Inputs& in, const std::vector<TrimRe
     const auto& h = low[size_t(lslot[r])];
     const auto [lb, below_low] = detail::locate(h, rank - below_high[r]);
     const int64_t less = below_high[r] + below_low, equal = h[size_t(lb)];
-    t.top.threshold = (uint32_t(hb[r]) << 16) | uint32_t(lb);
-    t.top.count_equal = equal;
-    t.top.take_equal = k - (numel - less - equal);
-    if (inclusive) {
-      t.top.take_equal = equal;
-      t.max_key = kInfKey;
-    }
+    finish_trim(t, (uint32_t(hb[r]) << 16) | uint32_t(lb), less, equal, k, numel, inclusive);
     if (t.top.ties_split()) {
       t.offsets.assign(size_t(chunks), 0);
       int64_t before = 0;
@@ -391,6 +411,391 @@ inline std::vector<Trim> select_trims(const Inputs& in, const std::vector<TrimRe
     }
   }
   return trims;
+}
+
+// ---- sampled selection ------------------------------------------------------------
+//
+// The radix sweeps above read every input twice before the merge pass reads it
+// a third time. Instead, a sample of each model's keys brackets the threshold
+// rank in a key window [lo, hi] around the sample's estimate mid; one sweep
+// then counts, per chunk, the keys below / equal to lo, mid and hi, and stores
+// the few keys strictly inside the window (other than mid). When the rank falls
+// in the window, the exact threshold comes from the counts (lo, mid, hi) or an
+// exact selection among the stored keys; otherwise (a sample that missed, or a
+// window too full to store) that request falls back to the radix sweeps. The
+// sample only decides how fast the answer comes, never the answer.
+
+constexpr int64_t kSampleRun = 32;                      // consecutive elements per sample run
+constexpr int64_t kSampleSize = int64_t(1) << 16;       // sampled keys per model
+constexpr int64_t kSampleAll = 2 * kSampleSize;         // numel <= this: every key is in the sample
+
+// Test hook: 1 forces the radix sweeps (the fallback), 0 picks automatically.
+inline std::atomic<int>& select_mode() {
+  static std::atomic<int> mode{0};
+  return mode;
+}
+
+// Requests that fell back to the radix sweeps since load (a test counter).
+inline std::atomic<int64_t>& select_fallbacks() {
+  static std::atomic<int64_t> n{0};
+  return n;
+}
+
+inline uint64_t mix64(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
+// Keys of model m at the sample positions: every element for small tensors,
+// else kSampleSize / kSampleRun runs, one at a fixed pseudo-random offset in
+// each of as many equal strata of the tensor.
+inline void sample_keys(const Inputs& in, int64_t m, std::vector<uint32_t>& out) {
+  alignas(64) float b[kBlock];
+  alignas(64) float tau[kBlock];
+  alignas(64) uint32_t keys[kBlock];
+  const int64_t numel = in.numel;
+  out.clear();
+  auto add = [&](int64_t off, int64_t n) {
+    load_any(in.base_dtype, b, in.base, off, n);
+    tau_any(in.dtypes[m], tau, b, in.models[m], off, n);
+    mag_keys(keys, tau, n);
+    out.insert(out.end(), keys, keys + n);
+  };
+  if (numel <= kSampleAll) {
+    out.reserve(size_t(numel));
+    for (int64_t off = 0; off < numel; off += kBlock) add(off, std::min(kBlock, numel - off));
+    return;
+  }
+  const int64_t runs = kSampleSize / kSampleRun;
+  out.reserve(size_t(kSampleSize));
+  for (int64_t r = 0; r < runs; ++r) {
+    const int64_t lo = r * numel / runs, hi = (r + 1) * numel / runs;
+    const int64_t span = hi - lo - kSampleRun + 1;  // >= 1: strata hold > 2 runs
+    add(lo + int64_t(mix64(uint64_t(r)) % uint64_t(span)), kSampleRun);
+  }
+}
+
+struct Window {
+  int32_t lo, mid, hi;  // keys <= kNanKey < 2^31: signed compares order them
+};
+
+// Appends the keys with lo < k < hi, k != mid to dst[u..]; returns the new u.
+inline int64_t compact_window(const int32_t* __restrict k32, int64_t n, Window w, uint32_t* __restrict dst,
+                              int64_t u) {
+  const int32_t lo = w.lo, mid = w.mid, hi = w.hi;
+  // Groups of 16: a vectorised test skips the groups without a key in the
+  // window; a group with one stores branch-free.
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    const int64_t j1 = std::min(n, j0 + 16);
+    uint32_t any = 0;
+    for (int64_t j = j0; j < j1; ++j) {
+      const int32_t k = k32[j];
+      any |= uint32_t((k > lo) & (k < hi) & (k != mid));
+    }
+    if (!any) continue;
+    for (int64_t j = j0; j < j1; ++j) {
+      const int32_t k = k32[j];
+      dst[u] = uint32_t(k);
+      u += int64_t((k > lo) & (k < hi) & (k != mid));
+    }
+  }
+  return u;
+}
+
+#ifdef PYMERGE_SPARSE_X86_CLONES
+__attribute__((target("avx2,bmi"))) inline int64_t compact_window_avx2(const int32_t* __restrict k32, int64_t n,
+                                                                      Window w, uint32_t* __restrict dst, int64_t u) {
+  const __m256i lo = _mm256_set1_epi32(w.lo), mid = _mm256_set1_epi32(w.mid), hi = _mm256_set1_epi32(w.hi);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256i k = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(k32 + j));
+    const __m256i in = _mm256_andnot_si256(_mm256_cmpeq_epi32(k, mid),
+                                           _mm256_and_si256(_mm256_cmpgt_epi32(k, lo), _mm256_cmpgt_epi32(hi, k)));
+    uint32_t m = uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(in)));
+    while (m) {
+      dst[u++] = uint32_t(k32[j + _tzcnt_u32(m)]);
+      m &= m - 1;
+    }
+  }
+  return j < n ? compact_window(k32 + j, n - j, w, dst, u) : u;
+}
+#endif
+
+// Per chunk and request: keys < lo, <= lo, < mid, <= mid, < hi, <= hi.
+constexpr int kWinCounts = 6;
+
+struct WindowPass {
+  const Inputs* in;
+  const std::vector<int64_t>* models;               // distinct models with a window
+  const std::vector<std::vector<int64_t>>* of;      // per entry of models: its requests
+  const std::vector<Window>* win;                   // per request
+  int64_t n_req;
+  int64_t chunks;
+  int64_t* counts;                                  // [chunk][request][kWinCounts]
+  std::vector<std::unique_ptr<uint32_t[]>>* cand;  // [chunk * n_req + request]
+  int64_t* cand_n;                                  // same index; -1: overflowed
+  int64_t* cand_cap;                                // per chunk
+
+  void chunk(int64_t c) const {
+    alignas(64) float b[kBlock];
+    alignas(64) float tau[kBlock];
+    alignas(64) uint32_t keys[kBlock];
+    const int64_t begin = chunk_begin(in->numel, chunks, c), end = chunk_begin(in->numel, chunks, c + 1);
+    const int64_t cap = cand_cap[c];
+    int64_t* cnt = counts + c * n_req * kWinCounts;
+    const bool avx2 = use_avx2();
+    (void)avx2;
+    for (int64_t off = begin; off < end; off += kBlock) {
+      const int64_t n = std::min(kBlock, end - off);
+      load_any(in->base_dtype, b, in->base, off, n);
+      for (size_t s = 0; s < models->size(); ++s) {
+        const int64_t m = (*models)[s];
+        tau_any(in->dtypes[m], tau, b, in->models[m], off, n);
+        mag_keys(keys, tau, n);
+        const int32_t* __restrict k32 = reinterpret_cast<const int32_t*>(keys);
+        for (const int64_t r : (*of)[s]) {
+          const Window w = (*win)[size_t(r)];
+          const int32_t lo = w.lo, mid = w.mid, hi = w.hi;
+          int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0;
+          for (int64_t j = 0; j < n; ++j) {
+            const int32_t k = k32[j];
+            a0 += k < lo;
+            a1 += k <= lo;
+            a2 += k < mid;
+            a3 += k <= mid;
+            a4 += k < hi;
+            a5 += k <= hi;
+          }
+          int64_t* cr = cnt + r * kWinCounts;
+          cr[0] += a0;
+          cr[1] += a1;
+          cr[2] += a2;
+          cr[3] += a3;
+          cr[4] += a4;
+          cr[5] += a5;
+          int64_t& used = cand_n[c * n_req + r];
+          if (used < 0) continue;
+          if (a4 == a1) continue;  // no key strictly inside the window
+          if (used + n > cap) {
+            used = -1;
+            continue;
+          }
+          uint32_t* __restrict dst = (*cand)[size_t(c * n_req + r)].get();
+#ifdef PYMERGE_SPARSE_X86_CLONES
+          if (avx2) {
+            used = compact_window_avx2(k32, n, w, dst, used);
+            continue;
+          }
+#endif
+          const int64_t u = compact_window(k32, n, w, dst, used);
+          used = u;
+        }
+      }
+    }
+  }
+};
+
+// The keep rule of every request, for a merge pass walking the same `chunks`.
+inline std::vector<Trim> select_trims(const Inputs& in, const std::vector<TrimRequest>& reqs, int64_t chunks,
+                                      bool inclusive) {
+  const int64_t numel = in.numel;
+  const int64_t n_req = int64_t(reqs.size());
+  std::vector<Trim> trims(reqs.size());
+  std::vector<int64_t> models;
+  std::vector<std::vector<int64_t>> of;
+  std::vector<int64_t> slot(static_cast<size_t>(in.n), -1);
+  for (int64_t r = 0; r < n_req; ++r) {
+    const int64_t k = reqs[size_t(r)].k, m = reqs[size_t(r)].model;
+    if (k <= 0 || numel <= 0) {
+      trims[size_t(r)].top.none = true;
+    } else if (k >= numel) {
+      trims[size_t(r)].top.all = true;
+    } else {
+      if (slot[size_t(m)] < 0) {
+        slot[size_t(m)] = int64_t(models.size());
+        models.push_back(m);
+        of.emplace_back();
+      }
+      of[size_t(slot[size_t(m)])].push_back(r);
+    }
+  }
+  if (models.empty()) return trims;
+  if (select_mode().load(std::memory_order_relaxed) == 1) return select_trims_radix(in, reqs, chunks, inclusive);
+
+  // Windows from each model's sample.
+  std::vector<Window> win(reqs.size(), Window{0, 0, 0});
+  parallel_for(int64_t(models.size()), 1, [&](int64_t s0, int64_t s1) {
+    std::vector<uint32_t> sample;
+    for (int64_t s = s0; s < s1; ++s) {
+      sample_keys(in, models[size_t(s)], sample);
+      const int64_t S = int64_t(sample.size());
+      for (const int64_t r : of[size_t(s)]) {
+        const int64_t rank = numel - reqs[size_t(r)].k;
+        int64_t c, d;
+        if (S == numel) {
+          c = rank;
+          d = 0;
+        } else {
+          const double q = double(rank) / double(numel);
+          c = std::min<int64_t>(S - 1, int64_t(q * double(S)));
+          d = int64_t(6.0 * std::sqrt(double(S) * q * (1.0 - q))) + 64;
+        }
+        auto at = [&](int64_t i0, int64_t i1, int64_t i) {
+          std::nth_element(sample.begin() + i0, sample.begin() + i, sample.begin() + i1);
+          return sample[size_t(i)];
+        };
+        Window w;
+        w.mid = int32_t(at(0, S, c));
+        w.lo = d == 0 ? w.mid : (c - d >= 0 ? int32_t(at(0, c, c - d)) : 0);
+        w.hi = d == 0 ? w.mid : (c + d < S ? int32_t(at(c + 1, S, c + d)) : int32_t(0x7FFFFFFF));
+        win[size_t(r)] = w;
+      }
+    }
+  });
+
+  // One sweep: counts and the keys inside the windows.
+  std::vector<int64_t> counts(size_t(chunks * n_req * kWinCounts), 0);
+  std::vector<std::unique_ptr<uint32_t[]>> cand(size_t(chunks * n_req));
+  std::vector<int64_t> cand_n(size_t(chunks * n_req), 0), cand_cap(size_t(chunks), 0);
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t len = chunk_begin(numel, chunks, c + 1) - chunk_begin(numel, chunks, c);
+    cand_cap[size_t(c)] = len / 16 + 2 * kBlock;
+    for (int64_t r = 0; r < n_req; ++r)
+      if (trims[size_t(r)].active()) cand[size_t(c * n_req + r)].reset(new uint32_t[size_t(cand_cap[size_t(c)])]);
+  }
+  run_chunks(WindowPass{&in, &models, &of, &win, n_req, chunks, counts.data(), &cand, cand_n.data(), cand_cap.data()},
+             chunks);
+
+  // Resolve each request from its counts (and stored keys); list the misses.
+  std::vector<char> miss(reqs.size(), 0);
+  parallel_for(n_req, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      Trim& t = trims[size_t(r)];
+      if (!t.active()) continue;
+      const int64_t k = reqs[size_t(r)].k, rank = numel - k;
+      int64_t tot[kWinCounts] = {0, 0, 0, 0, 0, 0};
+      bool overflow = false;
+      for (int64_t c = 0; c < chunks; ++c) {
+        for (int i = 0; i < kWinCounts; ++i) tot[i] += counts[size_t((c * n_req + r) * kWinCounts + i)];
+        overflow |= cand_n[size_t(c * n_req + r)] < 0;
+      }
+      const Window w = win[size_t(r)];
+      // Per-chunk counts of keys equal to the threshold, for the index tie-break.
+      std::vector<int64_t> eq(size_t(chunks), 0);
+      uint32_t thr;
+      int64_t less, equal;
+      auto from_counts = [&](int lt, int le, int32_t key) {
+        thr = uint32_t(key);
+        less = tot[lt];
+        equal = tot[le] - tot[lt];
+        for (int64_t c = 0; c < chunks; ++c)
+          eq[size_t(c)] = counts[size_t((c * n_req + r) * kWinCounts + le)] - counts[size_t((c * n_req + r) * kWinCounts + lt)];
+      };
+      auto from_keys = [&](int64_t below, int32_t a, int32_t b) {
+        std::vector<uint32_t> g;
+        for (int64_t c = 0; c < chunks; ++c) {
+          const uint32_t* p = cand[size_t(c * n_req + r)].get();
+          for (int64_t j = 0, e = cand_n[size_t(c * n_req + r)]; j < e; ++j)
+            if (int32_t(p[j]) > a && int32_t(p[j]) < b) g.push_back(p[j]);
+        }
+        const int64_t rr = rank - below;
+        std::nth_element(g.begin(), g.begin() + rr, g.end());
+        thr = g[size_t(rr)];
+        int64_t lt = 0, et = 0;
+        for (const uint32_t x : g) {
+          lt += x < thr;
+          et += x == thr;
+        }
+        less = below + lt;
+        equal = et;
+        for (int64_t c = 0; c < chunks; ++c) {
+          const uint32_t* p = cand[size_t(c * n_req + r)].get();
+          int64_t e = 0;
+          for (int64_t j = 0, m = cand_n[size_t(c * n_req + r)]; j < m; ++j) e += p[j] == thr;
+          eq[size_t(c)] = e;
+        }
+      };
+      if (rank < tot[0] || rank >= tot[5]) {
+        miss[size_t(r)] = 1;
+        continue;
+      } else if (rank < tot[1]) {
+        from_counts(0, 1, w.lo);
+      } else if (rank < tot[2]) {
+        if (overflow) {
+          miss[size_t(r)] = 1;
+          continue;
+        }
+        from_keys(tot[1], w.lo, w.mid);
+      } else if (rank < tot[3]) {
+        from_counts(2, 3, w.mid);
+      } else if (rank < tot[4]) {
+        if (overflow) {
+          miss[size_t(r)] = 1;
+          continue;
+        }
+        from_keys(tot[3], w.mid, w.hi);
+      } else {
+        from_counts(4, 5, w.hi);
+      }
+      finish_trim(t, thr, less, equal, k, numel, inclusive);
+      if (t.top.ties_split()) {
+        t.offsets.assign(size_t(chunks), 0);
+        int64_t before = 0;
+        for (int64_t c = 0; c < chunks; ++c) {
+          t.offsets[size_t(c)] = before;
+          before += eq[size_t(c)];
+        }
+      }
+    }
+  });
+
+  std::vector<TrimRequest> missed;
+  std::vector<int64_t> where;
+  for (int64_t r = 0; r < n_req; ++r)
+    if (miss[size_t(r)]) {
+      missed.push_back(reqs[size_t(r)]);
+      where.push_back(r);
+    }
+  if (!missed.empty()) {
+    select_fallbacks().fetch_add(int64_t(missed.size()), std::memory_order_relaxed);
+    const std::vector<Trim> fixed = select_trims_radix(in, missed, chunks, inclusive);
+    for (size_t i = 0; i < missed.size(); ++i) trims[size_t(where[i])] = fixed[i];
+  }
+  return trims;
+}
+
+// The keep rule of a Trim over one block as a key range [kmin, kmax], when one
+// range decides the whole block (always, unless the block holds the
+// take_equal-th threshold-equal key); advances `seen` as keep_block does.
+// Returns false (seen untouched) when the block needs keep_block.
+inline bool block_rule(const Trim& t, const uint32_t* __restrict keys, int64_t n, int64_t& seen, uint32_t& kmin,
+                       uint32_t& kmax) {
+  const TopK& top = t.top;
+  if (top.none) {  // an empty range
+    kmin = 1;
+    kmax = 0;
+    return true;
+  }
+  if (top.all) {
+    kmin = 0;
+    kmax = 0xFFFFFFFFu;
+    return true;
+  }
+  const uint32_t thr = top.threshold;
+  kmax = t.max_key;
+  kmin = thr;
+  if (!top.ties_split()) return true;
+  if (seen >= top.take_equal) {  // every equal key from here on is left
+    kmin = thr + 1;
+    return true;
+  }
+  int64_t eq = 0;
+  for (int64_t j = 0; j < n; ++j) eq += keys[j] == thr;
+  if (seen + eq > top.take_equal) return false;
+  seen += eq;  // all of this block's equal keys are taken
+  return true;
 }
 
 // Keep masks (all ones / zero) of one block of keys under a Trim; `seen` counts
@@ -446,7 +851,29 @@ struct LinearCombine {
   const float* w;
   float c;
 
+  // The same operations in one loop over the block for NM models.
+  template <int NM>
+  void fused(const float* rows, const float* __restrict b, float* __restrict out, int64_t n) const {
+    const float* __restrict r[NM];
+    float wi[NM];
+    for (int i = 0; i < NM; ++i) {
+      r[i] = rows + i * kBlock;
+      wi[i] = w[i];
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      float acc = 0.0f;
+      for (int i = 0; i < NM; ++i) acc = acc + wi[i] * r[i][j];
+      out[j] = b[j] + acc * c;
+    }
+  }
+
   void operator()(float* rows, int64_t nm, Scratch& s, float* __restrict out, int64_t n) const {
+    switch (nm) {
+      case 2: return fused<2>(rows, s.b, out, n);
+      case 3: return fused<3>(rows, s.b, out, n);
+      case 4: return fused<4>(rows, s.b, out, n);
+      default: break;
+    }
     float* __restrict acc = s.acc;
     for (int64_t j = 0; j < n; ++j) acc[j] = 0.0f;
     for (int64_t i = 0; i < nm; ++i) {
@@ -472,7 +899,55 @@ struct TiesCombine {
   bool normalize;
   bool count;
 
+  // The same operations, element by element, in one loop over the block for NM models.
+  template <int NM, bool kCount, bool kNorm>
+  void fused(const float* rows, const float* __restrict b, float* __restrict out, int64_t n) const {
+    const float* __restrict r[NM];
+    float wi[NM];
+    uint32_t wbits[NM];
+    for (int i = 0; i < NM; ++i) {
+      r[i] = rows + i * kBlock;
+      wi[i] = w[i];
+      wbits[i] = f32_to_bits(w[i]);
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      float d[NM];
+      float sum = 0.0f;
+      int32_t cnt = 0;
+      for (int i = 0; i < NM; ++i) {
+        d[i] = wi[i] * r[i][j];
+        if (kCount)
+          cnt += int32_t(d[i] > 0.0f) - int32_t(d[i] < 0.0f);
+        else
+          sum = sum + d[i];
+      }
+      const uint32_t p = kCount ? mask_of(cnt >= 0) : mask_of(sum >= 0.0f);
+      float acc = 0.0f, dv = 0.0f;
+      for (int i = 0; i < NM; ++i) {
+        const uint32_t agree = (p & mask_of(d[i] > 0.0f)) | (~p & mask_of(d[i] < 0.0f));
+        acc = acc + masked(d[i], agree);
+        if (kNorm) dv = dv + f32_from_bits(wbits[i] & agree);
+      }
+      if (kNorm) acc = acc / f32_from_bits(select_u32(dv == 0.0f, f32_to_bits(1.0f), f32_to_bits(dv)));
+      out[j] = b[j] + acc * lam;
+    }
+  }
+
+  template <int NM>
+  void fused_nm(const float* rows, const float* b, float* out, int64_t n) const {
+    if (count)
+      normalize ? fused<NM, true, true>(rows, b, out, n) : fused<NM, true, false>(rows, b, out, n);
+    else
+      normalize ? fused<NM, false, true>(rows, b, out, n) : fused<NM, false, false>(rows, b, out, n);
+  }
+
   void operator()(float* rows, int64_t nm, Scratch& s, float* __restrict out, int64_t n) const {
+    switch (nm) {
+      case 2: return fused_nm<2>(rows, s.b, out, n);
+      case 3: return fused_nm<3>(rows, s.b, out, n);
+      case 4: return fused_nm<4>(rows, s.b, out, n);
+      default: break;
+    }
     float* __restrict acc = s.acc;
     uint32_t* __restrict pos = s.pos;
     if (!count) {
@@ -602,12 +1077,42 @@ struct TrimRows {
     }
     uint32_t* __restrict keys = s.words;
     mag_keys(keys, tau, n);
+    const bool drop = hi && !hi[i].top.none;
+    uint32_t lo_min, lo_max, hi_min = 0, hi_max = 0;
+    // Usually the whole block follows one rule (keys in [min, max] kept or
+    // dropped): one fused pass. Only the block where the index tie-break
+    // changes from taking equal keys to leaving them goes element by element.
+    const bool lo_fast = block_rule(l, keys, n, st.seen_lo[size_t(i)], lo_min, lo_max);
+    const bool hi_fast = !drop || block_rule(hi[i], keys, n, st.seen_hi[size_t(i)], hi_min, hi_max);
+    if (lo_fast && hi_fast) {
+      if (drop) {
+        for (int64_t j = 0; j < n; ++j) {
+          const uint32_t k = keys[j];
+          const uint32_t keep = mask_of(k >= lo_min) & mask_of(k <= lo_max) & ~(mask_of(k >= hi_min) & mask_of(k <= hi_max));
+          row[j] = masked(tau[j], keep);
+        }
+      } else {
+        for (int64_t j = 0; j < n; ++j) {
+          const uint32_t k = keys[j];
+          row[j] = masked(tau[j], mask_of(k >= lo_min) & mask_of(k <= lo_max));
+        }
+      }
+      return;
+    }
     uint32_t* __restrict mask = s.mask;
-    keep_block(l, keys, n, st.seen_lo[size_t(i)], mask);
-    if (hi && !hi[i].top.none) {
-      uint32_t* __restrict drop = s.mask2;
-      keep_block(hi[i], keys, n, st.seen_hi[size_t(i)], drop);
-      for (int64_t j = 0; j < n; ++j) mask[j] &= ~drop[j];
+    if (lo_fast) {
+      for (int64_t j = 0; j < n; ++j) mask[j] = mask_of(keys[j] >= lo_min) & mask_of(keys[j] <= lo_max);
+    } else {
+      keep_block(l, keys, n, st.seen_lo[size_t(i)], mask);
+    }
+    if (drop) {
+      if (hi_fast) {
+        for (int64_t j = 0; j < n; ++j) mask[j] &= ~(mask_of(keys[j] >= hi_min) & mask_of(keys[j] <= hi_max));
+      } else {
+        uint32_t* __restrict dm = s.mask2;
+        keep_block(hi[i], keys, n, st.seen_hi[size_t(i)], dm);
+        for (int64_t j = 0; j < n; ++j) mask[j] &= ~dm[j];
+      }
     }
     for (int64_t j = 0; j < n; ++j) row[j] = masked(tau[j], mask[j]);
   }

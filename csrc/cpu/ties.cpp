@@ -1,8 +1,8 @@
 // TIES-Merging (specs/methods.md, "ties"; torch reference pymerge/ops/reference/ties.py).
 //
 // ties_merge (per tensor, mergekit's form): per model, the exact k_i largest
-// |tau_i| (two radix sweeps that histogram every model while reading theta_0
-// once per block), then one fused pass: trim, weight, elect, disjoint merge,
+// |tau_i| (one sampled-window sweep over every model while reading theta_0
+// once per block; see sparse_common.h), then one fused pass: trim, weight, elect, disjoint merge,
 // normalize, lambda, + base, one rounding. See sparse_common.h.
 //
 // Model scope (the TIES paper's code), given the per-model thresholds t_i:
@@ -79,8 +79,8 @@ struct ModelCombine {
         cnt[j] += int32_t(agree & 1u);
       }
     }
-    if (dis_mean)
-      for (int64_t j = 0; j < n; ++j) acc[j] = acc[j] / float(std::max(cnt[j], int32_t(1)));
+    if (dis_mean)  // cnt >= 0, so max(cnt, 1) is cnt + (cnt == 0): no branch, and the loop vectorises
+      for (int64_t j = 0; j < n; ++j) acc[j] = acc[j] / float(cnt[j] + int32_t(cnt[j] == 0));
     const float* __restrict b = s.b;
     for (int64_t j = 0; j < n; ++j) out[j] = b[j] + acc[j] * lam;
   }
@@ -218,4 +218,18 @@ PYMERGE_BINDINGS(ties) {
         py::arg("in_ptrs"), py::arg("in_dtypes"), py::arg("base_ptr"), py::arg("base_dtype"), py::arg("numel"),
         py::arg("thresholds"), py::arg("fallback_sign"), py::arg("lam"), py::arg("dis_mean"),
         "The merge pass of model-scope TIES given fp32 thresholds and the model-wide fallback sign.");
+  // Test hook of the magnitude trims (ties, breadcrumbs).
+  m.def(
+      "_sparse_select_mode",
+      [](int mode) {
+        auto& m = pymerge::cpu::sparse::select_mode();
+        const int before = m.load();
+        if (mode >= 0) m.store(mode);
+        return before;
+      },
+      py::arg("mode"),
+      "Selection of the trim thresholds: 0 sampled window with radix fallback, 1 radix sweeps only; -1 "
+      "leaves it. Returns the previous mode.");
+  m.def("_sparse_select_fallbacks", [] { return pymerge::cpu::sparse::select_fallbacks().load(); },
+        "How many trim requests the sampled selection handed to the radix sweeps since load.");
 }

@@ -20,7 +20,6 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from pymerge.align.apply import take
 from pymerge.align.spec import HeadGroup, PermutationSpec, _split_ref
@@ -47,6 +46,8 @@ def lap(cost: np.ndarray) -> np.ndarray:
     out = np.full(cost.shape[0], -1, dtype=np.int64)
     if cost.size == 0:
         return out
+    from scipy.optimize import linear_sum_assignment  # here: scipy takes ~0.4 s to import, merges rarely need it
+
     rows, cols = linear_sum_assignment(cost, maximize=True)
     out[rows] = cols
     return out

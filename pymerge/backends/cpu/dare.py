@@ -2,8 +2,9 @@
 
 Same signatures, argument checks and results (bit for bit) as
 pymerge.ops.reference.dare and reference.philox. The keep masks are regenerated
-from (seed, name, model index, element index) in every pass, never stored; the
-"l1" rescale takes one extra pass for the exact L1 norms.
+from (seed, name, model index, element index); the "l1" rescale takes one extra pass
+for the exact L1 norms, which stores the masks (one bit per element and model)
+for the merge pass.
 """
 
 from __future__ import annotations
@@ -84,8 +85,11 @@ def dare_merge(
         return out
 
     factors = [1.0] * n
+    masks = None
     if rescale == "l1":
-        norms = kernels.dare_l1_norms(*bufs.args(), name_bytes, seed, dens32)
+        # The norm pass keeps its Philox masks, bit-packed, for the merge pass.
+        masks = torch.empty(n * ((bufs.numel + 31) // 32), dtype=torch.int32)
+        norms = kernels.dare_l1_norms(*bufs.args(), name_bytes, seed, dens32, masks.data_ptr())
         for i, (n1, n2) in enumerate(norms):
             if n1 >= L1_EPS and n2 >= L1_EPS:
                 factors[i] = fp32(n1 / n2)
@@ -105,6 +109,7 @@ def dare_merge(
         scale,
         bool(normalize),
         consensus == "count",
+        0 if masks is None else masks.data_ptr(),
     )
     return out
 
