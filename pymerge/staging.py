@@ -48,7 +48,7 @@ class HostStaging:
 
     def read(self, get: Callable[..., torch.Tensor], check: bool, what: str) -> torch.Tensor:
         t = get().contiguous()
-        if check and t.is_floating_point() and t.numel() and not torch.isfinite(t).all():
+        if check and t.is_floating_point() and t.numel() and not _all_finite(t):
             raise NonFiniteError(what)
         return t
 
@@ -138,6 +138,17 @@ class CudaStaging(HostStaging):
         """End of a pass: every remaining flag is checked."""
         pending, self._previous, self._current = self._previous + self._current, [], []
         self._check(pending)
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """The compiled check where it applies (a single pass, no bool temporary), else torch's."""
+    from pymerge import backends
+
+    if t.dtype in (torch.float32, torch.float16, torch.bfloat16) and backends.implements("cpu", "all_finite"):
+        from pymerge.backends.cpu import all_finite
+
+        return all_finite(t)
+    return bool(torch.isfinite(t).all())
 
 
 def staging_for(device: torch.device) -> HostStaging:
