@@ -37,6 +37,7 @@
 #define PYMERGE_CUDA_WITH_BINDINGS 0
 #endif
 
+#include <atomic>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -101,16 +102,20 @@ inline void check_no_overlap(uintptr_t out, int out_dtype, uintptr_t in, int in_
 }
 
 // Multiprocessors of the current device (cached per device): grids are sized
-// from it so that every SM has work.
+// from it so that every SM has work. Bindings that release the GIL may call
+// this from several threads at once, hence the atomics.
 inline int sm_count() {
   int dev = 0;
   check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
-  static int cached[64] = {0};
-  if (dev >= 0 && dev < 64 && cached[dev] > 0) return cached[dev];
+  static std::atomic<int> cached[64];  // zero-initialised (static storage)
+  if (dev >= 0 && dev < 64) {
+    const int c = cached[dev].load(std::memory_order_relaxed);
+    if (c > 0) return c;
+  }
   int n = 0;
   check_cuda(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
   if (n <= 0) n = 1;
-  if (dev >= 0 && dev < 64) cached[dev] = n;
+  if (dev >= 0 && dev < 64) cached[dev].store(n, std::memory_order_relaxed);
   return n;
 }
 
