@@ -282,6 +282,7 @@ class _Merge:
         budget = self.prefetch_bytes
         if budget is None:
             budget = max(256 * 2**20, 2 * max((self._input_bytes(n) for n in names), default=0))
+
         def staged(name):
             with self.staging.uploading():
                 item = load(name)
