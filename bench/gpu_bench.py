@@ -8,7 +8,8 @@ same as the CPU suite), moved to the GPU. Per (op, backend, k): median time of
 CUDA-event-timed calls after a warm-up, GB/s from the counted bytes (every
 input read once, every output written once), % of the device-to-device copy
 bandwidth measured first (bytes read + written), and the speed-up over torch
-eager (the reference ops run on the same CUDA tensors). A backend that lacks
+eager (the reference ops run on the same CUDA tensors); "torch.compile" times the
+reference compiled by torch.compile (after a compiling warm-up). A backend that lacks
 an op is skipped, so kernels that land later appear without edits. After the
 warm-up each case checks `pymerge.ops.last_backend()`, so the wrong path is
 never timed.
@@ -17,6 +18,7 @@ never timed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -35,7 +37,7 @@ import torch  # noqa: E402
 import benchlib  # noqa: E402
 from pymerge import backends, ops  # noqa: E402
 
-BACKENDS = ("torch", "cuda", "triton")
+BACKENDS = ("torch", "torch.compile", "cuda", "triton")
 
 
 def _to_cuda(x):
@@ -87,16 +89,34 @@ def event_times(fn, reps: int, warmup: int = 2) -> list[float]:
 
 def run_case(case, inputs, k, backend, target_s: float):
     """(median ms, reps) of one case on one backend, or None when the backend lacks the op."""
+    if backend == "torch.compile":
+        with _compiled_reference(case.op):
+            return _time(case, case.call(inputs, k, "torch"), None, target_s)
     if backend != "torch" and not backends.implements(backend, case.op):
         return None
-    fn = case.call(inputs, k, backend)
+    return _time(case, case.call(inputs, k, backend), backend, target_s)
+
+
+@contextlib.contextmanager
+def _compiled_reference(op: str):
+    """ops.<op> replaced by torch.compile of the torch reference, for the cases' closures."""
+    compiled = torch.compile(getattr(ops.reference, op))
+    original = getattr(ops, op)
+    setattr(ops, op, lambda *args, backend=None, **kwargs: compiled(*args, **kwargs))
+    try:
+        yield
+    finally:
+        setattr(ops, op, original)
+
+
+def _time(case, fn, backend, target_s: float):
     torch.cuda.synchronize()
     t = time.perf_counter()
-    fn()  # warm-up: module load, Triton compilation, allocator
+    fn()  # warm-up: module load, Triton or torch.compile compilation, allocator
     torch.cuda.synchronize()
     first = time.perf_counter() - t
     ran = ops.last_backend()
-    if ran != backend:
+    if backend is not None and ran != backend:
         raise RuntimeError(f"{case.name}: asked for backend {backend!r} but {ran!r} ran")
     t = time.perf_counter()
     fn()
@@ -125,7 +145,7 @@ def main(argv=None) -> int:
         os.environ["PYMERGE_BENCH_OPS"] = args.ops
     benchlib.K_VALUES = tuple(int(v) for v in args.k.split(","))
     sizes = [benchlib.parse_count(s) for s in args.sizes.split(",") if s.strip()]
-    names = [b for b in args.backends.split(",") if b == "torch" or b in backends.available()]
+    names = [b for b in args.backends.split(",") if b in ("torch", "torch.compile") or b in backends.available()]
     missing = [b for b in args.backends.split(",") if b not in names]
 
     props = torch.cuda.get_device_properties(0)
@@ -141,8 +161,8 @@ def main(argv=None) -> int:
         f"- backends: {', '.join(names)}" + (f" (not available: {', '.join(missing)})" if missing else ""),
         "- inputs: bf16, [n / 1024, 1024]; GB/s = minimum traffic (bench/benchlib.py) / median time",
         "",
-        "| op | k | size | backend | median ms | reps | GB/s | % of copy | vs torch |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| op | k | size | backend | median ms | reps | GB/s | % of copy | vs torch | vs torch.compile |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     print("\n".join(header), flush=True)
     rows, records = [], []
@@ -150,13 +170,13 @@ def main(argv=None) -> int:
         inputs = GpuInputs(n, max(benchlib.K_VALUES))
         for case in benchlib.selected_cases():
             for k in case.ks():
-                base_ms = None
+                base_ms = compiled_ms = None
                 for backend in names:
                     try:
                         res = run_case(case, inputs, k, backend, args.target_s)
                     except Exception as exc:  # report and go on: one failing op must not hide the rest
                         line = f"| {case.name} | {k or '-'} | {benchlib.fmt_count(n)} | {backend} | error: " \
-                               f"{type(exc).__name__}: {str(exc)[:80]} | | | | |"
+                               f"{type(exc).__name__}: {str(exc)[:80]} | | | | | |"
                         print(line, flush=True)
                         rows.append(line)
                         continue
@@ -167,14 +187,18 @@ def main(argv=None) -> int:
                     gbs = nbytes / (ms / 1e3) / 1e9
                     if backend == "torch":
                         base_ms = ms
+                    elif backend == "torch.compile":
+                        compiled_ms = ms
                     speedup = f"{base_ms / ms:.1f}x" if base_ms else "-"
+                    vs_compiled = f"{compiled_ms / ms:.1f}x" if compiled_ms else "-"
                     line = (f"| {case.name} | {k or '-'} | {benchlib.fmt_count(n)} | {backend} | {ms:.3f} | {reps} | "
-                            f"{gbs:.0f} | {100 * gbs / copy_gbs:.0f}% | {speedup} |")
+                            f"{gbs:.0f} | {100 * gbs / copy_gbs:.0f}% | {speedup} | {vs_compiled} |")
                     print(line, flush=True)
                     rows.append(line)
                     records.append(dict(op=case.name, k=k, n=n, backend=backend, ms=ms, reps=reps, bytes=nbytes,
                                         gbs=gbs, pct_of_copy=100 * gbs / copy_gbs,
-                                        speedup_vs_torch=(base_ms / ms) if base_ms else None))
+                                        speedup_vs_torch=(base_ms / ms) if base_ms else None,
+                                        speedup_vs_compile=(compiled_ms / ms) if compiled_ms else None))
         del inputs
         torch.cuda.empty_cache()
     if args.out:
