@@ -18,6 +18,7 @@ from typing import Any, Iterator
 
 import torch
 
+from pymerge import hostmem
 from pymerge.errors import CheckpointError
 
 __all__ = [
@@ -270,7 +271,7 @@ class _SafetensorsShard:
     def read(self, info: "TensorInfo", pin_memory: bool = False) -> torch.Tensor:
         if self.fd is None:
             raise ValueError("file is closed")
-        out = torch.empty(info.shape, dtype=info.dtype, pin_memory=pin_memory)
+        out = hostmem.empty(info.shape, dtype=info.dtype, pin_memory=pin_memory)
         if info.nbytes:
             buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())
             pos, offset = 0, self.data_start + info.offset

@@ -6,6 +6,7 @@ from typing import Sequence
 
 import torch
 
+from pymerge.hostmem import empty
 from pymerge.backends.cpu._lib import DTYPE_TAGS, check_cpu, fp32, lib, tag, weights_list
 
 __all__ = ["weighted_sum"]
@@ -63,7 +64,7 @@ def weighted_sum(
     w32 = [fp32(x) for x in w]
     c32 = fp32(c)
 
-    out = torch.empty(shape, dtype=out_dtype, device="cpu")
+    out = empty(shape, dtype=out_dtype)
     numel = out.numel()
     if numel == 0:
         return out

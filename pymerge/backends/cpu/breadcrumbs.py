@@ -10,6 +10,7 @@ from typing import Sequence
 
 import torch
 
+from pymerge.hostmem import empty
 from pymerge.backends.cpu._lib import DTYPE_TAGS, fp32, lib
 from pymerge.backends.cpu._sparse import buffers
 from pymerge.ops.reference._common import check_inputs, per_model, resolve_out_dtype
@@ -62,7 +63,7 @@ def breadcrumbs_merge(
     else:
         scale = fp32(_check_finite_scalar(lam, "lam"))
     bufs = buffers(base, tensors)
-    out = torch.empty(tensors[0].shape, dtype=out_dtype)
+    out = empty(tensors[0].shape, dtype=out_dtype)
     if numel == 0:
         return out
     kernels.breadcrumbs_merge(

@@ -13,6 +13,7 @@ from typing import Sequence
 
 import torch
 
+from pymerge.hostmem import empty
 from pymerge.backends.cpu._lib import DTYPE_TAGS, fp32, lib
 from pymerge.backends.cpu._sparse import buffers
 from pymerge.ops.reference._common import check_inputs, per_model, resolve_out_dtype
@@ -80,7 +81,7 @@ def dare_merge(
     w32 = [fp32(wi) for wi in w]
     dens32 = [fp32(d) for d in dens]
     bufs = buffers(base, tensors)
-    out = torch.empty(tensors[0].shape, dtype=out_dtype)
+    out = empty(tensors[0].shape, dtype=out_dtype)
     if bufs.numel == 0:
         return out
 
@@ -88,7 +89,7 @@ def dare_merge(
     masks = None
     if rescale == "l1":
         # The norm pass keeps its Philox masks, bit-packed, for the merge pass.
-        masks = torch.empty(n * ((bufs.numel + 31) // 32), dtype=torch.int32)
+        masks = empty(n * ((bufs.numel + 31) // 32), dtype=torch.int32)
         norms = kernels.dare_l1_norms(*bufs.args(), name_bytes, seed, dens32, masks.data_ptr())
         for i, (n1, n2) in enumerate(norms):
             if n1 >= L1_EPS and n2 >= L1_EPS:
@@ -134,7 +135,7 @@ def dare_keep_mask(
     model_index = _check_model_index(model_index)
     if device is not None and torch.device(device).type != "cpu":
         raise ValueError(f"dare_keep_mask: the cpu backend makes CPU masks, not {device} ones")
-    out = torch.empty(numel, dtype=torch.bool)
+    out = empty(numel, dtype=torch.bool)
     if numel:
         kernels.dare_keep_mask(out.data_ptr(), numel, name.encode("utf-8"), seed, model_index, fp32(density))
     return out

@@ -11,6 +11,7 @@ from typing import Sequence
 
 import torch
 
+from pymerge.hostmem import empty
 from pymerge.backends.cpu._lib import DTYPE_TAGS, check_cpu, fp32, lib, tag
 from pymerge.ops.reference.emr import ZERO_SIGNS, EmrElect, n_words
 
@@ -58,8 +59,8 @@ def emr_elect(
     u_tag = _out_tag(out_dtype)
 
     numel = base.numel()
-    u = torch.empty(base.shape, dtype=out_dtype)
-    masks = torch.empty((n, n_words(numel)), dtype=torch.int32)
+    u = empty(base.shape, dtype=out_dtype)
+    masks = empty((n, n_words(numel)), dtype=torch.int32)
     abs_tau = torch.zeros(n, dtype=torch.float64)
     abs_u = torch.zeros(n, dtype=torch.float64)
     if numel > 0:
@@ -102,7 +103,7 @@ def emr_reconstruct(
     out_tag = _out_tag(out_dtype)
     lam32 = fp32(lam)
 
-    out = torch.empty(base.shape, dtype=out_dtype)
+    out = empty(base.shape, dtype=out_dtype)
     if numel == 0:
         return out
     base_c = base.detach().contiguous()
@@ -123,7 +124,7 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
         raise ValueError("pack_bits: mask must have at least one axis")
     n = mask.shape[-1]
     lead = mask.shape[:-1]
-    words = torch.empty(*lead, n_words(n), dtype=torch.int32)
+    words = empty(*lead, n_words(n), dtype=torch.int32)
     if words.numel() == 0:
         return words
     m = mask.detach().contiguous()
@@ -144,7 +145,7 @@ def unpack_bits(words: torch.Tensor, n: int) -> torch.Tensor:
         raise ValueError(f"unpack_bits: need {n_words(n)} words on the last axis for n = {n}, "
                          f"got shape {tuple(words.shape)}")
     lead = words.shape[:-1]
-    out = torch.empty(*lead, n, dtype=torch.bool)
+    out = empty(*lead, n, dtype=torch.bool)
     if out.numel() == 0:
         return out
     w = words.detach().contiguous()

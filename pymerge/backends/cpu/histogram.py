@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from pymerge.hostmem import empty
 from pymerge.backends.cpu._lib import check_cpu, lib, tag
 from pymerge.ops.selection import RADIX_BINS, _check_digit
 
@@ -26,7 +27,7 @@ def abs_tau_histogram(base: torch.Tensor, tensor: torch.Tensor, *, shift: int, p
         raise ValueError(f"tensor: shape {tuple(tensor.shape)} != base {tuple(base.shape)}")
     base_tag, in_tag = tag(base, "base"), tag(tensor, "tensor")
     base_c, tensor_c = base.detach().contiguous(), tensor.detach().contiguous()
-    out = torch.empty(RADIX_BINS, dtype=torch.int64)
+    out = empty(RADIX_BINS, dtype=torch.int64)
     kernels.abs_tau_histogram(
         out.data_ptr(),
         base_c.data_ptr(),
@@ -49,6 +50,6 @@ def order_key_histogram(values: torch.Tensor, *, shift: int, prefix: int | None 
     check_cpu(values, "values")
     tag(values, "values")
     x = values.detach().reshape(-1).to(torch.float32).contiguous()
-    out = torch.empty(RADIX_BINS, dtype=torch.int64)
+    out = empty(RADIX_BINS, dtype=torch.int64)
     kernels.order_key_histogram(out.data_ptr(), x.data_ptr(), x.numel(), shift, -1 if prefix is None else int(prefix))
     return out

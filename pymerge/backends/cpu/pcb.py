@@ -12,6 +12,7 @@ from typing import Sequence
 
 import torch
 
+from pymerge.hostmem import empty
 from pymerge.backends.cpu._lib import DTYPE_TAGS, check_cpu, fp32, lib, tag
 from pymerge.ops.reference._common import check_inputs, resolve_out_dtype
 from pymerge.ops.reference.pcb import (
@@ -48,7 +49,7 @@ def _f32_list(x, n: int, name: str) -> list[float]:
 def _out_buffer(shape, out_dtype: torch.dtype) -> torch.Tensor:
     # Dtypes without a kernel tag (float64, ...) get the fp32 result cast once,
     # as the reference's final .to(out_dtype).
-    return torch.empty(shape, dtype=out_dtype if out_dtype in DTYPE_TAGS else torch.float32)
+    return empty(shape, dtype=out_dtype if out_dtype in DTYPE_TAGS else torch.float32)
 
 
 def _finish(out: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
@@ -71,7 +72,7 @@ def pcb_scores(
     n = len(inputs)
     lo_l, hi_l = _f32_list(lo, n, "lo"), _f32_list(hi, n, "hi")
     numel = base_c.numel()
-    out = torch.empty((n, numel), dtype=torch.float32)
+    out = empty((n, numel), dtype=torch.float32)
     if numel:
         kernels.pcb_scores(
             out.data_ptr(), [t.data_ptr() for t in inputs], in_tags, base_c.data_ptr(), tag(base_c, "base"), numel, lo_l, hi_l

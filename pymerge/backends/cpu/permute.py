@@ -6,6 +6,7 @@ from typing import Sequence
 
 import torch
 
+from pymerge.hostmem import empty
 from pymerge.backends.cpu._lib import DTYPE_TAGS, check_cpu, fp32, lib, tag
 from pymerge.ops.reference._common import per_model
 from pymerge.ops.reference.permute import _check_maps
@@ -58,7 +59,7 @@ def permute_average(
         cols, n_cols = _check_maps(col_maps, [w.shape[1] for w in tensors], "col")
         shape = (n_rows, n_cols)
 
-    out = torch.empty(shape, dtype=out_dtype)
+    out = empty(shape, dtype=out_dtype)
     if out.numel() == 0:
         return out
     # Keep the contiguous copies alive until the kernel has returned.

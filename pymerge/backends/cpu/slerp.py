@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from pymerge.hostmem import empty
 from pymerge.backends.cpu._lib import DTYPE_TAGS, check_cpu, lib, tag
 from pymerge.ops.reference.slerp import DOT_THRESHOLD, NORM_EPS, _rows
 
@@ -62,13 +63,13 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float, *, out_dtype: torch.dtype 
     if out_dtype not in DTYPE_TAGS:
         raise ValueError(f"out_dtype {out_dtype} is not one of float32, float16, bfloat16")
 
-    out = torch.empty(a.shape, dtype=out_dtype)
+    out = empty(a.shape, dtype=out_dtype)
     rows, cols = _rows(a.shape)
     if out.numel() == 0:
         return out
     a_c = a.detach().contiguous()
     b_c = b.detach().contiguous()
-    stats = torch.empty((3, rows), dtype=torch.float64)
+    stats = empty((3, rows), dtype=torch.float64)
     kernels.slerp_row_stats(a_c.data_ptr(), a_tag, b_c.data_ptr(), b_tag, rows, cols, stats.data_ptr())
     ca, cb = _coefficients(stats, t)
     kernels.slerp_combine(out.data_ptr(), DTYPE_TAGS[out_dtype], a_c.data_ptr(), a_tag, b_c.data_ptr(), b_tag,

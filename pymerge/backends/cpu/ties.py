@@ -10,6 +10,7 @@ from typing import Sequence
 
 import torch
 
+from pymerge.hostmem import empty
 from pymerge.backends.cpu._lib import DTYPE_TAGS, fp32, lib
 from pymerge.backends.cpu._sparse import buffers
 from pymerge.ops.reference._common import check_inputs, per_model, resolve_out_dtype
@@ -59,7 +60,7 @@ def ties_merge(
     w32 = _weights32(weights, n)
     lam32 = fp32(_check_finite_scalar(lam, "lam"))
     bufs = buffers(base, tensors)
-    out = torch.empty(tensors[0].shape, dtype=out_dtype)
+    out = empty(tensors[0].shape, dtype=out_dtype)
     if numel == 0:
         return out
     kernels.ties_merge(
@@ -122,7 +123,7 @@ def ties_merge_model(
     tensors, th32, bufs = _model_scope_buffers(base, tensors, thresholds)
     out_dtype = _check_out_dtype(resolve_out_dtype(tensors, out_dtype))
     lam32 = fp32(_check_finite_scalar(lam, "lam"))
-    out = torch.empty(tensors[0].shape, dtype=out_dtype)
+    out = empty(tensors[0].shape, dtype=out_dtype)
     if bufs.numel == 0:
         return out
     fb = (fallback_sign > 0) - (fallback_sign < 0)
