@@ -124,7 +124,7 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
         raise ValueError("pack_bits: mask must have at least one axis")
     n = mask.shape[-1]
     lead = mask.shape[:-1]
-    words = empty(*lead, n_words(n), dtype=torch.int32)
+    words = empty((*lead, n_words(n)), dtype=torch.int32)
     if words.numel() == 0:
         return words
     m = mask.detach().contiguous()
@@ -145,7 +145,7 @@ def unpack_bits(words: torch.Tensor, n: int) -> torch.Tensor:
         raise ValueError(f"unpack_bits: need {n_words(n)} words on the last axis for n = {n}, "
                          f"got shape {tuple(words.shape)}")
     lead = words.shape[:-1]
-    out = empty(*lead, n, dtype=torch.bool)
+    out = empty((*lead, n), dtype=torch.bool)
     if out.numel() == 0:
         return out
     w = words.detach().contiguous()
