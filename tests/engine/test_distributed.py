@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import pymerge
+import pymerge.errors
 from pymerge.distributed import assign_shards
 from pymerge.io import CheckpointReader
 

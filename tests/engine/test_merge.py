@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 import pymerge
+import pymerge.cli
 from pymerge.io import CheckpointReader
 from pymerge.ops import reference as ref
 

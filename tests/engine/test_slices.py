@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import pymerge
+import pymerge.config
 from pymerge.errors import ConfigError, InputMismatchError
 from pymerge.io import CheckpointReader
 from pymerge.synthetic import llama_family
