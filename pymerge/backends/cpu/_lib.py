@@ -11,6 +11,8 @@ import numbers
 
 import torch
 
+from pymerge.backends._args import fp32 as fp32  # one rounding rule for every backend
+
 try:
     from pymerge import _C
 except ImportError as exc:  # not built: the package still imports
@@ -30,16 +32,6 @@ def lib():
             f"`pip install -e .` from the source tree (import error: {_IMPORT_ERROR})"
         )
     return _C
-
-
-def fp32(x: float) -> float:
-    """x rounded once (nearest-even) to fp32, returned as a Python float.
-
-    Scalars are rounded here, in one place, so that the value the kernel uses
-    is exactly torch.tensor(x, dtype=torch.float32): the binding's own
-    double -> float conversion is then exact.
-    """
-    return float(torch.tensor(float(x), dtype=torch.float64).to(torch.float32))
 
 
 def tag(t: torch.Tensor, what: str) -> int:

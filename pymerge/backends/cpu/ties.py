@@ -10,21 +10,15 @@ from typing import Sequence
 
 import torch
 
+from pymerge.backends._args import ties_args
 from pymerge.hostmem import empty
 from pymerge.backends.cpu._lib import DTYPE_TAGS, fp32, lib
 from pymerge.backends.cpu._sparse import buffers
 from pymerge.ops.reference._common import check_inputs, per_model, resolve_out_dtype
 from pymerge.ops.reference.average import _check_finite_scalar, _check_out_dtype
-from pymerge.ops.reference.ties import CONSENSUS, MODEL_MERGE, TRIM_TIES, _check_choice, trim_count
+from pymerge.ops.reference.ties import MODEL_MERGE, _check_choice
 
 __all__ = ["ties_merge", "ties_sign_sum", "ties_merge_model"]
-
-
-def _weights32(weights, n: int) -> list[float]:
-    w = per_model(weights, n, "weights")
-    for wi in w:
-        _check_finite_scalar(wi, "weight")
-    return [fp32(wi) for wi in w]
 
 
 def ties_merge(
@@ -47,32 +41,22 @@ def ties_merge(
     fused pass, rounded once to out_dtype (default tensors[0].dtype).
     """
     kernels = lib()
-    if base is None:
-        raise ValueError("ties_merge needs a base tensor")
-    tensors = list(tensors)
-    check_inputs(tensors, base)
-    consensus = _check_choice(consensus, CONSENSUS, "consensus")
-    trim_ties = _check_choice(trim_ties, TRIM_TIES, "trim_ties")
-    out_dtype = _check_out_dtype(resolve_out_dtype(tensors, out_dtype))
-    n = len(tensors)
-    numel = base.numel()
-    ks = [trim_count(d, numel) for d in per_model(densities, n, "densities")]
-    w32 = _weights32(weights, n)
-    lam32 = fp32(_check_finite_scalar(lam, "lam"))
-    bufs = buffers(base, tensors)
-    out = empty(tensors[0].shape, dtype=out_dtype)
-    if numel == 0:
+    a = ties_args(base, tensors, weights, densities, lam=lam, normalize=normalize, consensus=consensus,
+                  trim_ties=trim_ties, out_dtype=out_dtype)
+    bufs = buffers(base, a.tensors)
+    out = empty(a.tensors[0].shape, dtype=a.out_dtype)
+    if out.numel() == 0:
         return out
     kernels.ties_merge(
         out.data_ptr(),
-        DTYPE_TAGS[out_dtype],
+        DTYPE_TAGS[a.out_dtype],
         *bufs.args(),
-        ks,
-        w32,
-        lam32,
-        bool(normalize),
-        consensus == "count",
-        trim_ties == "inclusive",
+        a.ks,
+        a.weights,
+        a.lam,
+        a.normalize,
+        a.count_consensus,
+        a.inclusive,
     )
     return out
 

@@ -16,6 +16,8 @@ from typing import Iterable
 
 import torch
 
+from pymerge.backends._args import fp32 as fp32  # one rounding rule for every backend
+
 try:
     from pymerge import _C_cuda
 except ImportError as exc:  # not built (CPU install): the package still imports
@@ -47,11 +49,6 @@ def lib():
             f"`PYMERGE_CUDA=1 pip install -e .` on a machine with nvcc (import error: {_IMPORT_ERROR})"
         )
     return _C_cuda
-
-
-def fp32(x: float) -> float:
-    """x rounded once (nearest-even) to fp32, as a Python float (the binding's float conversion is then exact)."""
-    return float(torch.tensor(float(x), dtype=torch.float64).to(torch.float32))
 
 
 def tag(t: torch.Tensor, what: str) -> int:

@@ -10,13 +10,9 @@ from typing import Sequence
 
 import torch
 
-from pymerge.backends.cuda._lib import DTYPE_TAGS, fp32, lib, on_device, stream
+from pymerge.backends._args import breadcrumbs_args
+from pymerge.backends.cuda._lib import DTYPE_TAGS, lib, on_device, stream
 from pymerge.backends.cuda.ties import _Buffers
-from pymerge.ops.reference._common import check_inputs, per_model, resolve_out_dtype
-from pymerge.ops.reference.average import _check_finite_scalar, _check_out_dtype, scale_factor
-from pymerge.ops.reference.breadcrumbs import breadcrumbs_counts
-from pymerge.ops.reference.dare import COMBINE
-from pymerge.ops.reference.ties import CONSENSUS, _check_choice
 
 __all__ = ["breadcrumbs_merge"]
 
@@ -42,41 +38,24 @@ def breadcrumbs_merge(
     index first); then linear_combine or the TIES steps 2-6, one rounding to out_dtype.
     """
     kernels = lib()
-    if base is None:
-        raise ValueError("breadcrumbs_merge needs a base tensor")
-    combine = _check_choice(combine, COMBINE, "combine")
-    consensus = _check_choice(consensus, CONSENSUS, "consensus")
-    tensors = list(tensors)
-    check_inputs(tensors, base)
-    out_dtype = _check_out_dtype(resolve_out_dtype(tensors, out_dtype))
-    n = len(tensors)
-    dens = per_model(densities, n, "densities")
-    gams = per_model(0.01 if gammas is None else gammas, n, "gammas")
-    numel = base.numel()
-    counts = [breadcrumbs_counts(dens[i], gams[i], numel) for i in range(n)]
-    w = per_model(weights, n, "weights")
-    for wi in w:
-        _check_finite_scalar(wi, "weight")
-    if combine == "linear":
-        scale = scale_factor(w, lam, normalize)  # fp32 c; raises for normalize with sum 0
-    else:
-        scale = fp32(_check_finite_scalar(lam, "lam"))
-    bufs = _Buffers(base, tensors)
-    out = torch.empty(tensors[0].shape, dtype=out_dtype, device=bufs.device)
-    if numel == 0:
+    a = breadcrumbs_args(base, tensors, weights, densities, gammas, lam=lam, normalize=normalize, combine=combine,
+                         consensus=consensus, out_dtype=out_dtype)
+    bufs = _Buffers(base, a.tensors)
+    out = torch.empty(a.tensors[0].shape, dtype=a.out_dtype, device=bufs.device)
+    if out.numel() == 0:
         return out
     with on_device(bufs.device):
         kernels.breadcrumbs_merge(
             out.data_ptr(),
-            DTYPE_TAGS[out_dtype],
+            DTYPE_TAGS[a.out_dtype],
             *bufs.args(),
-            [c[0] for c in counts],
-            [c[1] for c in counts],
-            [fp32(wi) for wi in w],
-            combine == "ties",
-            scale,
-            bool(normalize),
-            consensus == "count",
+            [c[0] for c in a.counts],
+            [c[1] for c in a.counts],
+            a.weights,
+            a.combine_ties,
+            a.scale,
+            a.normalize,
+            a.count_consensus,
             stream(bufs.device),
         )
     return out

@@ -11,6 +11,7 @@ from typing import Sequence
 
 import torch
 
+from pymerge.backends._args import ties_args
 from pymerge.backends.cuda._lib import (
     DTYPE_TAGS,
     check_models,
@@ -24,7 +25,7 @@ from pymerge.backends.cuda._lib import (
 )
 from pymerge.ops.reference._common import check_inputs, per_model, resolve_out_dtype
 from pymerge.ops.reference.average import _check_finite_scalar, _check_out_dtype
-from pymerge.ops.reference.ties import CONSENSUS, MODEL_MERGE, TRIM_TIES, _check_choice, trim_count
+from pymerge.ops.reference.ties import MODEL_MERGE, _check_choice
 
 __all__ = ["ties_merge", "ties_sign_sum", "ties_merge_model"]
 
@@ -53,13 +54,6 @@ class _Buffers:
         return [t.data_ptr() for t in self.models], self.tags, self.base.data_ptr(), self.base_tag, self.numel
 
 
-def _weights32(weights, n: int) -> list[float]:
-    w = per_model(weights, n, "weights")
-    for wi in w:
-        _check_finite_scalar(wi, "weight")
-    return [fp32(wi) for wi in w]
-
-
 def ties_merge(
     base: torch.Tensor,
     tensors: Sequence[torch.Tensor],
@@ -81,33 +75,23 @@ def ties_merge(
     tensors[0].dtype).
     """
     kernels = lib()
-    if base is None:
-        raise ValueError("ties_merge needs a base tensor")
-    tensors = list(tensors)
-    check_inputs(tensors, base)
-    consensus = _check_choice(consensus, CONSENSUS, "consensus")
-    trim_ties = _check_choice(trim_ties, TRIM_TIES, "trim_ties")
-    out_dtype = _check_out_dtype(resolve_out_dtype(tensors, out_dtype))
-    n = len(tensors)
-    numel = base.numel()
-    ks = [trim_count(d, numel) for d in per_model(densities, n, "densities")]
-    w32 = _weights32(weights, n)
-    lam32 = fp32(_check_finite_scalar(lam, "lam"))
-    bufs = _Buffers(base, tensors)
-    out = torch.empty(tensors[0].shape, dtype=out_dtype, device=bufs.device)
-    if numel == 0:
+    a = ties_args(base, tensors, weights, densities, lam=lam, normalize=normalize, consensus=consensus,
+                  trim_ties=trim_ties, out_dtype=out_dtype)
+    bufs = _Buffers(base, a.tensors)
+    out = torch.empty(a.tensors[0].shape, dtype=a.out_dtype, device=bufs.device)
+    if out.numel() == 0:
         return out
     with on_device(bufs.device):
         kernels.ties_merge(
             out.data_ptr(),
-            DTYPE_TAGS[out_dtype],
+            DTYPE_TAGS[a.out_dtype],
             *bufs.args(),
-            ks,
-            w32,
-            lam32,
-            bool(normalize),
-            consensus == "count",
-            trim_ties == "inclusive",
+            a.ks,
+            a.weights,
+            a.lam,
+            a.normalize,
+            a.count_consensus,
+            a.inclusive,
             stream(bufs.device),
         )
     return out

@@ -17,6 +17,8 @@ import os
 
 import torch
 
+from pymerge.backends._args import fp32 as fp32  # one rounding rule for every backend
+
 _HAVE_TRITON = importlib.util.find_spec("triton") is not None
 _kernels = None
 _kernels_interpreted = False
@@ -104,11 +106,6 @@ def check_device_type(device: torch.device | str | None, what: str = "tensors") 
 def flat(t: torch.Tensor) -> torch.Tensor:
     """A contiguous 1-D view (or copy) of t's values."""
     return t.detach().contiguous().reshape(-1)
-
-
-def fp32(x: float) -> float:
-    """x rounded once (nearest-even) to fp32, as a Python float (passes to a kernel exactly)."""
-    return float(torch.tensor(float(x), dtype=torch.float64).to(torch.float32))
 
 
 def fp32_tensor(values, device) -> torch.Tensor:

@@ -10,12 +10,8 @@ from typing import Sequence
 
 import torch
 
-from pymerge.backends.triton._lib import check_device, flat, fp32, fp32_tensor, kernels
-from pymerge.ops.reference._common import check_inputs, per_model, resolve_out_dtype
-from pymerge.ops.reference.average import _check_finite_scalar, _check_out_dtype, scale_factor
-from pymerge.ops.reference.breadcrumbs import breadcrumbs_counts
-from pymerge.ops.reference.dare import COMBINE
-from pymerge.ops.reference.ties import CONSENSUS, _check_choice
+from pymerge.backends._args import breadcrumbs_args
+from pymerge.backends.triton._lib import check_device, flat, fp32_tensor, kernels
 
 __all__ = ["breadcrumbs_merge"]
 
@@ -41,39 +37,22 @@ def breadcrumbs_merge(
     index first); then linear_combine or the TIES steps 2-6, one rounding to out_dtype.
     """
     k = kernels()
-    if base is None:
-        raise ValueError("breadcrumbs_merge needs a base tensor")
-    combine = _check_choice(combine, COMBINE, "combine")
-    consensus = _check_choice(consensus, CONSENSUS, "consensus")
-    tensors = list(tensors)
-    check_inputs(tensors, base)
-    device = check_device(tensors + [base])
-    out_dtype = _check_out_dtype(resolve_out_dtype(tensors, out_dtype))
-    n = len(tensors)
-    dens = per_model(densities, n, "densities")
-    gams = per_model(0.01 if gammas is None else gammas, n, "gammas")
-    numel = base.numel()
-    counts = [breadcrumbs_counts(dens[i], gams[i], numel) for i in range(n)]
-    w = per_model(weights, n, "weights")
-    for wi in w:
-        _check_finite_scalar(wi, "weight")
-    if combine == "linear":
-        scale = scale_factor(w, lam, normalize)  # fp32 c; raises for normalize with sum 0
-    else:
-        scale = fp32(_check_finite_scalar(lam, "lam"))
-    out = torch.empty(tensors[0].shape, dtype=out_dtype, device=device)
-    if numel == 0:
+    a = breadcrumbs_args(base, tensors, weights, densities, gammas, lam=lam, normalize=normalize, combine=combine,
+                         consensus=consensus, out_dtype=out_dtype)
+    device = check_device(a.tensors + [base])
+    out = torch.empty(a.tensors[0].shape, dtype=a.out_dtype, device=device)
+    if out.numel() == 0:
         return out
     k.breadcrumbs.merge(
         out.view(-1),
         flat(base),
-        [flat(t) for t in tensors],
-        [c[0] for c in counts],
-        [c[1] for c in counts],
-        fp32_tensor(w, device),
-        scale,
-        combine_ties=combine == "ties",
-        count_consensus=consensus == "count",
-        normalize=bool(normalize),
+        [flat(t) for t in a.tensors],
+        [c[0] for c in a.counts],
+        [c[1] for c in a.counts],
+        fp32_tensor(a.weights, device),
+        a.scale,
+        combine_ties=a.combine_ties,
+        count_consensus=a.count_consensus,
+        normalize=a.normalize,
     )
     return out

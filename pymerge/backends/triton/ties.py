@@ -10,19 +10,13 @@ from typing import Sequence
 
 import torch
 
+from pymerge.backends._args import ties_args
 from pymerge.backends.triton._lib import check_device, flat, fp32, fp32_tensor, kernels
 from pymerge.ops.reference._common import check_inputs, per_model, resolve_out_dtype
 from pymerge.ops.reference.average import _check_finite_scalar, _check_out_dtype
-from pymerge.ops.reference.ties import CONSENSUS, MODEL_MERGE, TRIM_TIES, _check_choice, trim_count
+from pymerge.ops.reference.ties import MODEL_MERGE, _check_choice
 
 __all__ = ["ties_merge", "ties_sign_sum", "ties_merge_model"]
-
-
-def _weights(weights, n: int) -> list[float]:
-    w = per_model(weights, n, "weights")
-    for wi in w:
-        _check_finite_scalar(wi, "weight")
-    return w
 
 
 def ties_merge(
@@ -45,36 +39,26 @@ def ties_merge(
     disjoint merge, normalize, lambda, + base, one rounding to out_dtype.
     """
     k = kernels()
-    if base is None:
-        raise ValueError("ties_merge needs a base tensor")
-    tensors = list(tensors)
-    check_inputs(tensors, base)
-    consensus = _check_choice(consensus, CONSENSUS, "consensus")
-    trim_ties = _check_choice(trim_ties, TRIM_TIES, "trim_ties")
-    device = check_device(tensors + [base])
-    out_dtype = _check_out_dtype(resolve_out_dtype(tensors, out_dtype))
-    n = len(tensors)
-    numel = base.numel()
-    ks = [trim_count(d, numel) for d in per_model(densities, n, "densities")]
-    w = _weights(weights, n)
-    lam32 = fp32(_check_finite_scalar(lam, "lam"))
-    out = torch.empty(tensors[0].shape, dtype=out_dtype, device=device)
-    if numel == 0:
+    a = ties_args(base, tensors, weights, densities, lam=lam, normalize=normalize, consensus=consensus,
+                  trim_ties=trim_ties, out_dtype=out_dtype)
+    device = check_device(a.tensors + [base])
+    out = torch.empty(a.tensors[0].shape, dtype=a.out_dtype, device=device)
+    if out.numel() == 0:
         return out
     b = flat(base)
-    xs = [flat(t) for t in tensors]
-    trims = k.histogram.top_k_trims(b, xs, list(enumerate(ks)), inclusive=trim_ties == "inclusive")
+    xs = [flat(t) for t in a.tensors]
+    trims = k.histogram.top_k_trims(b, xs, list(enumerate(a.ks)), inclusive=a.inclusive)
     k.ties.trim_merge(
         out.view(-1),
         b,
         xs,
         trims,
-        fp32_tensor(w, device),
-        lam32,
+        fp32_tensor(a.weights, device),
+        a.lam,
         drop=False,
         ties=True,
-        count_consensus=consensus == "count",
-        normalize=bool(normalize),
+        count_consensus=a.count_consensus,
+        normalize=a.normalize,
     )
     return out
 

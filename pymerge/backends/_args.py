@@ -1,0 +1,98 @@
+"""Argument checks and derived kernel arguments shared by the compiled backends.
+
+The cpu, cuda and triton versions of an op accept exactly what the torch reference
+accepts, raise the same errors, and hand their kernels the same derived values: trim
+counts, scalars rounded once to fp32, flags. Those are worked out here, once, so that
+the backends cannot drift apart; each backend only places the buffers and launches.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from pymerge.ops.reference._common import check_inputs, per_model, resolve_out_dtype
+from pymerge.ops.reference.average import _check_finite_scalar, _check_out_dtype, scale_factor
+from pymerge.ops.reference.breadcrumbs import breadcrumbs_counts
+from pymerge.ops.reference.dare import COMBINE
+from pymerge.ops.reference.ties import CONSENSUS, TRIM_TIES, _check_choice, trim_count
+
+
+def fp32(x: float) -> float:
+    """x rounded once (nearest-even) to fp32, as a Python float.
+
+    The value a kernel then uses is exactly torch.tensor(x, dtype=torch.float32): a
+    binding's double -> float conversion, or Triton's, is exact on it.
+    """
+    return float(torch.tensor(float(x), dtype=torch.float64).to(torch.float32))
+
+
+def weights32(weights, n: int) -> list[float]:
+    """Per-model weights, checked finite, rounded to fp32."""
+    w = per_model(weights, n, "weights")
+    for wi in w:
+        _check_finite_scalar(wi, "weight")
+    return [fp32(wi) for wi in w]
+
+
+class TiesArgs(NamedTuple):
+    tensors: list[torch.Tensor]
+    out_dtype: torch.dtype
+    ks: list[int]  # per model: how many |tau| are kept
+    weights: list[float]  # fp32
+    lam: float  # fp32
+    normalize: bool
+    count_consensus: bool
+    inclusive: bool
+
+
+def ties_args(base, tensors, weights, densities, *, lam, normalize, consensus, trim_ties, out_dtype) -> TiesArgs:
+    """The checked arguments of ties_merge (reference.ties.ties_merge)."""
+    if base is None:
+        raise ValueError("ties_merge needs a base tensor")
+    tensors = list(tensors)
+    check_inputs(tensors, base)
+    consensus = _check_choice(consensus, CONSENSUS, "consensus")
+    trim_ties = _check_choice(trim_ties, TRIM_TIES, "trim_ties")
+    out_dtype = _check_out_dtype(resolve_out_dtype(tensors, out_dtype))
+    n = len(tensors)
+    ks = [trim_count(d, base.numel()) for d in per_model(densities, n, "densities")]
+    return TiesArgs(tensors, out_dtype, ks, weights32(weights, n), fp32(_check_finite_scalar(lam, "lam")),
+                    bool(normalize), consensus == "count", trim_ties == "inclusive")
+
+
+class BreadcrumbsArgs(NamedTuple):
+    tensors: list[torch.Tensor]
+    out_dtype: torch.dtype
+    counts: list[tuple[int, int]]  # per model: (n_top dropped, n_keep kept)
+    weights: list[float]  # fp32
+    scale: float  # fp32: c of the linear combine, lambda of the TIES one
+    combine_ties: bool
+    normalize: bool
+    count_consensus: bool
+
+
+def breadcrumbs_args(base, tensors, weights, densities, gammas, *, lam, normalize, combine, consensus,
+                     out_dtype) -> BreadcrumbsArgs:
+    """The checked arguments of breadcrumbs_merge (reference.breadcrumbs.breadcrumbs_merge)."""
+    if base is None:
+        raise ValueError("breadcrumbs_merge needs a base tensor")
+    combine = _check_choice(combine, COMBINE, "combine")
+    consensus = _check_choice(consensus, CONSENSUS, "consensus")
+    tensors = list(tensors)
+    check_inputs(tensors, base)
+    out_dtype = _check_out_dtype(resolve_out_dtype(tensors, out_dtype))
+    n = len(tensors)
+    dens = per_model(densities, n, "densities")
+    gams = per_model(0.01 if gammas is None else gammas, n, "gammas")
+    counts = [breadcrumbs_counts(dens[i], gams[i], base.numel()) for i in range(n)]
+    w = per_model(weights, n, "weights")
+    for wi in w:
+        _check_finite_scalar(wi, "weight")
+    if combine == "linear":
+        scale = scale_factor(w, lam, normalize)  # fp32 c; raises for normalize with sum 0
+    else:
+        scale = fp32(_check_finite_scalar(lam, "lam"))
+    return BreadcrumbsArgs(tensors, out_dtype, counts, [fp32(wi) for wi in w], scale, combine == "ties",
+                           bool(normalize), consensus == "count")
