@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from pymerge import __version__, backends
+from pymerge import __version__, backends, hostmem
 from pymerge.config import MergeConfig, layer_index, load_config
 from pymerge.errors import InputMismatchError, MergeError
 from pymerge.align.apply import load_permutation_file, permute_tensor, tensor_maps
@@ -159,6 +159,7 @@ class _Merge:
         for r in [self.base, *self.models]:
             if r is not None:
                 r.close()
+        hostmem.release()  # the pooled output buffers no tensor holds any more
 
     def _make_plan(self) -> _Plan:
         ref = self.base or self.models[0]

@@ -21,6 +21,7 @@
 
 #include "common/dtype.h"
 #include "common/parallel.h"
+#include "common/stream.h"
 #include "cpu/bindings.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -95,6 +96,7 @@ struct Args {
   int64_t numel;
   const float* weights;
   float c;
+  bool stream;  // output larger than the cache: written with streaming stores
 };
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -129,6 +131,7 @@ void run_range(const Args& a, int64_t begin, int64_t end) {
   alignas(64) float acc[kBlock];
   alignas(64) float b[kBlock];
   alignas(64) float stage[kF16c ? kBlock : 1];
+  alignas(64) uint16_t half[kF16c ? kBlock : 1];
   for (int64_t off = begin; off < end; off += kBlock) {
     const int64_t n = std::min(kBlock, end - off);
     if constexpr (kBase) {
@@ -183,6 +186,20 @@ void run_range(const Args& a, int64_t begin, int64_t end) {
       i += group;
     }
 #ifdef PYMERGE_X86_CLONES
+    if (kF16c && a.stream) {
+      // Round into the (cache-resident) staging block, then stream it out.
+      const int64_t size = int64_t(dtype_size(a.out_dtype));
+      const void* rounded = stage;
+      if (a.out_dtype == FLOAT16) {
+        finish<FLOAT32, kBase>(stage, 0, acc, b, n, a.c);
+        f32_block_to_fp16(half, 0, stage, n);
+        rounded = half;
+      } else {
+        dispatch_dtype(a.out_dtype, [&](auto t) { finish<decltype(t)::value, kBase>(stage, 0, acc, b, n, a.c); });
+      }
+      stream_copy(static_cast<char*>(a.out) + off * size, rounded, n * size);
+      continue;
+    }
     if (kF16c && a.out_dtype == FLOAT16) {
       finish<FLOAT32, kBase>(stage, 0, acc, b, n, a.c);
       f32_block_to_fp16(a.out, off, stage, n);
@@ -191,6 +208,9 @@ void run_range(const Args& a, int64_t begin, int64_t end) {
 #endif
     dispatch_dtype(a.out_dtype, [&](auto t) { finish<decltype(t)::value, kBase>(a.out, off, acc, b, n, a.c); });
   }
+#ifdef PYMERGE_X86_CLONES
+  if (kF16c && a.stream) stream_fence();
+#endif
 }
 
 // One copy of the block loop per instruction set, chosen at run time: the
@@ -251,7 +271,8 @@ void weighted_sum(void* out, int out_dtype, const void* const* inputs, const int
                   const float* weights, float c) {
   if (numel <= 0 || n_models <= 0) return;
   const RangeFn fn = range_fn();
-  const Args a{out, out_dtype, inputs, in_dtypes, n_models, base, base_dtype, numel, weights, c};
+  const bool stream = numel * dtype_size(out_dtype) >= kStreamBytes;
+  const Args a{out, out_dtype, inputs, in_dtypes, n_models, base, base_dtype, numel, weights, c, stream};
   const int64_t n_blocks = (numel + kBlock - 1) / kBlock;
   parallel_for(n_blocks, kGrainBlocks, [&](int64_t b0, int64_t b1) {
     fn(a, b0 * kBlock, std::min(b1 * kBlock, numel));

@@ -10,95 +10,85 @@ See docs/alignment.md. The submodules:
 - checkpoint: align two checkpoints, merge with saved permutations
 """
 
-from pymerge.align.apply import (
-    PermutationFile,
-    aligned_average,
-    aligned_tensor,
-    iter_aligned_average,
-    load_permutation_file,
-    load_permutations,
-    permute_state_dict,
-    permuted_tensor,
-    save_permutations,
-    tensor_maps,
-)
-from pymerge.align.checkpoint import align_checkpoints, merge_with_permutations
-from pymerge.align.interpolate import (
-    InterpolationCurve,
-    alpha_grid,
-    barriers,
-    interpolate,
-    interpolation_curve,
-    mean_stderr,
-    recompute_batchnorm,
-)
-from pymerge.align.matching import (
-    ActivationMatchResult,
-    CorrelationStats,
-    MatchResult,
-    activation_matching,
-    activation_sites,
-    collect_activations,
-    lap,
-    match_objective,
-    weight_matching,
-)
-from pymerge.align.spec import (
-    HeadGroup,
-    PermutationSpec,
-    RopeWithinHeadError,
-    SpecBuilder,
-    bert_spec,
-    gpt2_spec,
-    llama_spec,
-    mlp_spec,
-    spec_from_config,
-)
-from pymerge.align.widths import infer_heads, match_widths, merge_widths, pad_heads, pad_width, partial_assignment, renamed
+# The names load with their submodule on first use: the engine imports align.apply for
+# every merge and must not pay for matching, interpolation and the rest.
+_SUBMODULES = {
+    "apply": (
+        "PermutationFile",
+        "aligned_average",
+        "aligned_tensor",
+        "iter_aligned_average",
+        "load_permutation_file",
+        "load_permutations",
+        "permute_state_dict",
+        "permuted_tensor",
+        "save_permutations",
+        "tensor_maps",
+    ),
+    "checkpoint": (
+        "align_checkpoints",
+        "merge_with_permutations",
+    ),
+    "interpolate": (
+        "InterpolationCurve",
+        "alpha_grid",
+        "barriers",
+        "interpolate",
+        "interpolation_curve",
+        "mean_stderr",
+        "recompute_batchnorm",
+    ),
+    "matching": (
+        "ActivationMatchResult",
+        "CorrelationStats",
+        "MatchResult",
+        "activation_matching",
+        "activation_sites",
+        "collect_activations",
+        "lap",
+        "match_objective",
+        "weight_matching",
+    ),
+    "spec": (
+        "HeadGroup",
+        "PermutationSpec",
+        "RopeWithinHeadError",
+        "SpecBuilder",
+        "bert_spec",
+        "gpt2_spec",
+        "llama_spec",
+        "mlp_spec",
+        "spec_from_config",
+    ),
+    "widths": (
+        "infer_heads",
+        "match_widths",
+        "merge_widths",
+        "pad_heads",
+        "pad_width",
+        "partial_assignment",
+        "renamed",
+    ),
+}
+_LAZY = {name: module for module, names in _SUBMODULES.items() for name in names}
 
-__all__ = [
-    "ActivationMatchResult",
-    "CorrelationStats",
-    "HeadGroup",
-    "InterpolationCurve",
-    "MatchResult",
-    "PermutationFile",
-    "PermutationSpec",
-    "RopeWithinHeadError",
-    "SpecBuilder",
-    "activation_matching",
-    "activation_sites",
-    "align_checkpoints",
-    "aligned_average",
-    "aligned_tensor",
-    "alpha_grid",
-    "barriers",
-    "bert_spec",
-    "collect_activations",
-    "gpt2_spec",
-    "infer_heads",
-    "interpolate",
-    "interpolation_curve",
-    "iter_aligned_average",
-    "lap",
-    "llama_spec",
-    "load_permutation_file",
-    "load_permutations",
-    "match_objective",
-    "match_widths",
-    "mean_stderr",
-    "merge_with_permutations",
-    "merge_widths",
-    "mlp_spec",
-    "pad_heads",
-    "pad_width",
-    "partial_assignment",
-    "permute_state_dict",
-    "permuted_tensor",
-    "recompute_batchnorm",
-    "renamed",
-    "save_permutations",
-    "spec_from_config",
-    "tensor_maps",
-    "weight_matching",
-]
+# A name that is also a submodule's name is bound now: importing the submodule later
+# would set the package attribute to the module, and __getattr__ would never be asked.
+from pymerge.align.interpolate import interpolate  # noqa: E402
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pymerge.align' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"pymerge.align.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

@@ -7,11 +7,14 @@ data is read lazily, one tensor at a time, with positional reads.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import mmap
 import os
 import pickle
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -252,11 +255,16 @@ def _unpickler_reason(e: Exception) -> str:
 
 
 class _SafetensorsShard:
-    """One safetensors file, read with positional reads into fresh tensors.
+    """One safetensors file; each tensor is a private memory map of its own byte range.
 
-    Positional reads (not a memory map) keep resident memory at the tensors in
-    flight: a mapped file's touched pages would count towards the process's
-    memory until unmapped, growing with the model. They are thread-safe, too.
+    A mapping shares the page cache's pages: no buffer to zero, no copy. Each tensor maps
+    only its own range and unmaps when the tensor is freed, so resident memory stays at
+    the tensors in flight, as with reads. The pages are faulted in when the tensor is
+    read (MADV_POPULATE_READ), on the reading thread, so a cold file is read from disk
+    there and the kernels never stall on a fault; a file truncated since it was opened
+    is an error there, not a SIGBUS later. The map is private: a write lands in a copy,
+    never in the file. Pinned reads (for a GPU) and kernels without MADV_POPULATE_READ
+    use positional reads into fresh tensors instead.
     """
 
     def __init__(self, path: Path):
@@ -271,6 +279,39 @@ class _SafetensorsShard:
     def read(self, info: "TensorInfo", pin_memory: bool = False) -> torch.Tensor:
         if self.fd is None:
             raise ValueError("file is closed")
+        if info.nbytes and not pin_memory and _map_populate:
+            try:
+                return self._map(info)
+            except _NoPopulate:
+                _disable_map_populate()
+        return self._pread(info, pin_memory)
+
+    def _map(self, info: "TensorInfo") -> torch.Tensor:
+        start = self.data_start + info.offset
+        page_start = start - start % mmap.ALLOCATIONGRANULARITY
+        lead = start - page_start
+        try:
+            mm = mmap.mmap(
+                self.fd, lead + info.nbytes, flags=mmap.MAP_PRIVATE,
+                prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=page_start,
+            )
+        except ValueError:  # the range passes the end of the file
+            raise CheckpointError(f"{self.path}: unexpected end of file reading {info.name!r}") from None
+        except OSError:  # a file system without memory maps
+            raise _NoPopulate from None
+        try:
+            mm.madvise(_MADV_POPULATE_READ)
+        except OSError as e:
+            mm.close()
+            if e.errno == errno.EFAULT:
+                raise CheckpointError(f"{self.path}: unexpected end of file reading {info.name!r}") from None
+            if e.errno == errno.EINVAL:
+                raise _NoPopulate from None
+            raise
+        flat = torch.frombuffer(mm, dtype=torch.uint8, count=info.nbytes, offset=lead)
+        return flat.view(info.dtype).view(info.shape)
+
+    def _pread(self, info: "TensorInfo", pin_memory: bool) -> torch.Tensor:
         out = hostmem.empty(info.shape, dtype=info.dtype, pin_memory=pin_memory)
         if info.nbytes:
             buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())
@@ -286,6 +327,20 @@ class _SafetensorsShard:
         fd, self.fd = self.fd, None
         if fd is not None:
             os.close(fd)
+
+
+# Linux 5.14+; elsewhere (or when madvise refuses it) tensors are read with pread.
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
+_map_populate = sys.platform.startswith("linux") and hasattr(mmap.mmap, "madvise")
+
+
+class _NoPopulate(Exception):
+    pass
+
+
+def _disable_map_populate() -> None:
+    global _map_populate
+    _map_populate = False
 
 
 class CheckpointReader:

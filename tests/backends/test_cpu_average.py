@@ -67,6 +67,23 @@ def test_matches_reference(size, with_base, in_dtype, out_dtype):
     check_all_isas(ref_out, tensors, weights, base=base, lam=0.8, out_dtype=out_dtype)
 
 
+# Outputs of 16 MiB and more are written with streaming stores (csrc/common/stream.h).
+STREAM_BYTES = 16 << 20
+
+
+@pytest.mark.parametrize("out_dtype", DTYPES)
+@pytest.mark.parametrize("threads", [1, 3])
+def test_streamed_output_matches_reference(out_dtype, threads):
+    gen = torch.Generator().manual_seed(TAG[out_dtype] + 10 * threads)
+    size = STREAM_BYTES // out_dtype.itemsize + 777  # the last block is partial
+    base = rand(size, torch.bfloat16, gen)
+    tensors = [rand(size, dt, gen) for dt in (torch.float16, torch.bfloat16)]
+    ref_out = expected(tensors, [0.5, -1.5], base, 0.7, False, out_dtype)
+    cpu.set_num_threads(threads)  # the autouse fixture restores it
+    check_all_isas(ref_out, tensors, [0.5, -1.5], base=base, lam=0.7, out_dtype=out_dtype)
+    check_all_isas(expected(tensors[:1], out_dtype=out_dtype), tensors[:1], out_dtype=out_dtype)
+
+
 @pytest.mark.parametrize("n_models", [1, 2, 3, 5, 8])
 @pytest.mark.parametrize("with_base", [False, True])
 @pytest.mark.parametrize("normalize", [False, True])

@@ -95,6 +95,28 @@ def test_cli_reports_errors_without_traceback(family, tmp_path, capsys):
     assert err.startswith("pymerge: error:") and "missing" in err
 
 
+def test_console_entry_exits_with_the_status_after_writing_everything(family, tmp_path):
+    # The entry point leaves with os._exit: the report, the files and the status must all be out by then.
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "ties.yml"
+    cfg.write_text(TIES.format(base=family.base, m0=family.models[0], m1=family.models[1]))
+    run = subprocess.run([sys.executable, "-m", "pymerge.cli", "merge", str(cfg), str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("merged ")
+    assert _merged(tmp_path / "out").keys() == _read(family.base).keys()
+    main(["merge", str(cfg), str(tmp_path / "again"), "-q"])
+    for f in (tmp_path / "again").iterdir():
+        assert (tmp_path / "out" / f.name).read_bytes() == f.read_bytes()
+
+    cfg.write_text(TIES.format(base=family.base, m0=family.models[0], m1=tmp_path / "missing"))
+    run = subprocess.run([sys.executable, "-m", "pymerge.cli", "merge", str(cfg), str(tmp_path / "bad")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and run.stderr.startswith("pymerge: error:")
+
+
 @pytest.mark.slow
 def test_demo_runs(capsys):
     assert main(["demo"]) == 0

@@ -345,3 +345,82 @@ def test_bad_config_json(tmp_path):
     (tmp_path / "config.json").write_text("{broken")
     with CheckpointReader(tmp_path) as r, pytest.raises(CheckpointError, match=r"config\.json"):
         r.config()
+
+
+def _big_tensors(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # Odd sizes put most tensors at offsets that are not page aligned.
+    return {
+        "a": torch.randn(3, 1001, generator=g).to(torch.bfloat16),
+        "b": torch.randn(517, 33, generator=g),
+        "c": torch.randn(2049, generator=g).to(torch.float16),
+        "d": torch.empty(0, 4),
+        "e": torch.randn(1, generator=g),
+    }
+
+
+def _mapped_regions(path):
+    return sum(str(path) in line for line in Path("/proc/self/maps").read_text().splitlines())
+
+
+@pytest.mark.parametrize("mapped", [True, False])
+def test_mapped_and_positional_reads_agree(tmp_path, monkeypatch, mapped):
+    import pymerge.io.reader as reader_mod
+
+    t = _big_tensors()
+    save_file(t, tmp_path / "model.safetensors")
+    monkeypatch.setattr(reader_mod, "_map_populate", mapped and reader_mod._map_populate)
+    with CheckpointReader(tmp_path) as r:
+        for k, x in t.items():
+            y = r.get(k)
+            assert y.dtype == x.dtype and y.shape == x.shape and torch.equal(y, x)
+            assert y.is_contiguous()
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc/self/maps")
+def test_mapped_tensor_is_private_and_unmapped_when_freed(tmp_path):
+    t = _big_tensors()
+    path = tmp_path / "model.safetensors"
+    save_file(t, path)
+    before = path.read_bytes()
+    with CheckpointReader(tmp_path) as r:
+        y = r.get("b")
+        assert _mapped_regions(path) == 1
+        y.fill_(7.0)  # lands in a private copy
+        assert torch.equal(r.get("b"), t["b"])
+        del y
+        assert _mapped_regions(path) == 0
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("mapped", [True, False])
+def test_shard_truncated_after_open(tmp_path, monkeypatch, mapped):
+    import pymerge.io.reader as reader_mod
+
+    t = _big_tensors()
+    path = tmp_path / "model.safetensors"
+    save_file(t, path)
+    monkeypatch.setattr(reader_mod, "_map_populate", mapped and reader_mod._map_populate)
+    with CheckpointReader(tmp_path) as r:
+        last = max(r.names(), key=lambda k: r.info(k).offset)
+        # Cut the file well inside the last tensor's pages.
+        os_size = path.stat().st_size
+        with open(path, "r+b") as f:
+            f.truncate(os_size - r.info(last).nbytes // 2 - 8192)
+        with pytest.raises(CheckpointError, match="unexpected end of file"):
+            r.get(last)
+
+
+def test_reads_fall_back_when_populate_is_refused(tmp_path, monkeypatch):
+    import pymerge.io.reader as reader_mod
+
+    if not reader_mod._map_populate:
+        pytest.skip("memory-mapped reads are not used on this platform")
+    t = _big_tensors()
+    save_file(t, tmp_path / "model.safetensors")
+    monkeypatch.setattr(reader_mod, "_MADV_POPULATE_READ", 0x7FFF)  # an advice madvise refuses: EINVAL
+    monkeypatch.setattr(reader_mod, "_map_populate", True)
+    with CheckpointReader(tmp_path) as r:
+        assert torch.equal(r.get("a"), t["a"])
+        assert reader_mod._map_populate is False
+        assert torch.equal(r.get("b"), t["b"])
