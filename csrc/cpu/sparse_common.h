@@ -426,7 +426,7 @@ inline std::vector<Trim> select_trims_radix(const Inputs& in, const std::vector<
 // sample only decides how fast the answer comes, never the answer.
 
 constexpr int64_t kSampleRun = 32;                      // consecutive elements per sample run
-constexpr int64_t kSampleSize = int64_t(1) << 16;       // sampled keys per model
+constexpr int64_t kSampleSize = int64_t(1) << 15;       // sampled keys per model
 constexpr int64_t kSampleAll = 2 * kSampleSize;         // numel <= this: every key is in the sample
 
 // Test hook: 1 forces the radix sweeps (the fallback), 0 picks automatically.

@@ -53,6 +53,43 @@ def test_thread_counts_identical(trim_ties):
             assert_bits_equal(got, ref)
 
 
+@pytest.mark.parametrize("trim_ties", ["exact", "inclusive"])
+def test_radix_sweeps_match_the_sampled_selection(trim_ties):
+    # The trim thresholds come from a sampled key window, or from radix sweeps when the
+    # window misses; both must give the reference's bits. Mode 1 forces the sweeps.
+    from pymerge import _C
+
+    gen = torch.Generator().manual_seed(5)
+    base, ts = models(ODD, [torch.bfloat16, torch.float32, torch.float16], gen, tiny=True)
+    args = (base, ts, [0.5, 1.0, -0.75], [0.1, 0.5, 0.93])
+    ref = reference.ties_merge(*args, trim_ties=trim_ties)
+    before = _C._sparse_select_mode(-1)
+    try:
+        for mode in (0, 1):
+            _C._sparse_select_mode(mode)
+            for threads in (1, 2):
+                cpu.set_num_threads(threads)
+                assert_bits_equal(cpu.ties_merge(*args, trim_ties=trim_ties), ref)
+    finally:
+        _C._sparse_select_mode(before)
+
+
+def test_window_overflow_falls_back_to_the_radix_sweeps():
+    # Magnitudes that rise steadily along the tensor: every key near the threshold sits
+    # in one stretch, which overflows the per-chunk candidate store of that chunk.
+    from pymerge import _C
+
+    n = 4 * CHUNK + 333
+    base = torch.zeros(n)
+    ramp = torch.linspace(0.0, 1.0, n)
+    ts = [ramp.clone(), ramp.flip(0).clone(), ramp * 0.5]
+    before = _C._sparse_select_fallbacks()
+    ref = reference.ties_merge(base, ts, [1.0, 1.0, 1.0], [0.5, 0.3, 0.7])
+    cpu.set_num_threads(4)
+    assert_bits_equal(cpu.ties_merge(base, ts, [1.0, 1.0, 1.0], [0.5, 0.3, 0.7]), ref)
+    assert _C._sparse_select_fallbacks() > before
+
+
 def test_shapes_non_contiguous_and_defaults():
     gen = torch.Generator().manual_seed(5)
     base = torch.randn(48, 64, generator=gen).bfloat16()
