@@ -3,24 +3,36 @@
 // A plain store first reads the destination line into the cache (read for
 // ownership), so a kernel writing a large output moves its bytes twice; a
 // streaming store writes the line without reading it. Worth it only when the
-// output would not stay in the cache anyway.
+// output would not stay in the cache anyway. Kernels round a block into a
+// cache-resident staging buffer, stream_copy it out, and stream_fence() before
+// their thread finishes. x86-64 with AVX2 only; elsewhere kernels store plainly.
 #pragma once
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
+#define PYMERGE_STREAM_STORES 1
 #endif
 
 namespace pymerge {
 
 // Outputs of at least this many bytes are streamed (about half a server L3).
-constexpr int64_t kStreamBytes = int64_t(16) << 20;
+// Settable (a test hook: 0 streams every output).
+inline std::atomic<int64_t>& stream_min_bytes() {
+  static std::atomic<int64_t> value{int64_t(16) << 20};
+  return value;
+}
 
-#if defined(__x86_64__) && defined(__GNUC__)
-// Copies a cache-resident staging block to dst with streaming stores for its
-// 32-byte-aligned interior. Call stream_fence() before the data is handed on.
+inline bool stream_output(int64_t numel, int64_t elem_size) {
+  return numel * elem_size >= stream_min_bytes().load(std::memory_order_relaxed);
+}
+
+#ifdef PYMERGE_STREAM_STORES
+// Copies a staging block to dst with streaming stores for its 32-byte-aligned interior.
 __attribute__((target("avx2"))) inline void stream_copy(void* dst, const void* src, int64_t bytes) {
   auto* d = static_cast<char*>(dst);
   const auto* s = static_cast<const char*>(src);

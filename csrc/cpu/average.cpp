@@ -271,7 +271,7 @@ void weighted_sum(void* out, int out_dtype, const void* const* inputs, const int
                   const float* weights, float c) {
   if (numel <= 0 || n_models <= 0) return;
   const RangeFn fn = range_fn();
-  const bool stream = numel * dtype_size(out_dtype) >= kStreamBytes;
+  const bool stream = stream_output(numel, int64_t(dtype_size(out_dtype)));
   const Args a{out, out_dtype, inputs, in_dtypes, n_models, base, base_dtype, numel, weights, c, stream};
   const int64_t n_blocks = (numel + kBlock - 1) / kBlock;
   parallel_for(n_blocks, kGrainBlocks, [&](int64_t b0, int64_t b1) {

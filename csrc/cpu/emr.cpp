@@ -30,6 +30,7 @@
 
 #include "common/dtype.h"
 #include "common/parallel.h"
+#include "common/stream.h"
 #include "cpu/bindings.h"
 
 #if defined(__GNUC__)
@@ -240,11 +241,13 @@ struct ReconArgs {
   const uint32_t* words;
   int64_t numel;
   float lam;
+  bool stream = false;  // output larger than the cache: written with streaming stores
 };
 
 inline void recon_blocks(const ReconArgs& a, int64_t blk0, int64_t blk1) {
   alignas(64) float b[kBlock];
   alignas(64) float u[kBlock];
+  alignas(64) float staged[kBlock];  // the rounded block, when streamed
   for (int64_t blk = blk0; blk < blk1; ++blk) {
     const int64_t off = blk * kBlock;
     const int64_t n = std::min(kBlock, a.numel - off);
@@ -261,8 +264,19 @@ inline void recon_blocks(const ReconArgs& a, int64_t blk0, int64_t blk1) {
         b[j] = b[j] + d;
       }
     }
+#ifdef PYMERGE_STREAM_STORES
+    if (a.stream) {
+      const int64_t size = int64_t(dtype_size(a.out_dtype));
+      store_any(a.out_dtype, staged, 0, b, n);
+      stream_copy(static_cast<char*>(a.out) + off * size, staged, n * size);
+      continue;
+    }
+#endif
     store_any(a.out_dtype, a.out, off, b, n);
   }
+#ifdef PYMERGE_STREAM_STORES
+  if (a.stream) stream_fence();
+#endif
 }
 
 using ReconFn = void (*)(const ReconArgs&, int64_t, int64_t);
@@ -297,11 +311,15 @@ void elect(const ElectArgs& args, double* abs_tau, double* abs_u) {
   }
 }
 
-void reconstruct(const ReconArgs& a) {
-  const int64_t n_blocks = (a.numel + kBlock - 1) / kBlock;
+void reconstruct(const ReconArgs& args) {
+  const int64_t n_blocks = (args.numel + kBlock - 1) / kBlock;
+  ReconArgs a = args;
   ReconFn fn = recon_generic;
 #ifdef PYMERGE_EMR_X86_CLONES
-  if (use_avx2()) fn = recon_avx2;
+  if (use_avx2()) {
+    fn = recon_avx2;
+    a.stream = stream_output(a.numel, int64_t(dtype_size(a.out_dtype)));
+  }
 #endif
   parallel_for(n_blocks, kGrainBlocks, [&](int64_t b0, int64_t b1) { fn(a, b0, b1); });
 }

@@ -10,6 +10,7 @@
 
 #include "common/dtype.h"
 #include "common/parallel.h"
+#include "common/stream.h"
 #include "cpu/bindings.h"
 
 namespace py = pybind11;
@@ -40,6 +41,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("_kernel_isa", &pymerge::cpu::kernel_isa, "Instruction-set clone the kernels run: avx2 or generic.");
   m.def("_set_force_generic", &pymerge::cpu::set_force_generic, py::arg("on"),
         "Run the baseline x86-64 clone even where AVX2 is available.");
+  m.def(
+      "_set_stream_min_bytes",
+      [](int64_t n) { return pymerge::stream_min_bytes().exchange(n); },
+      py::arg("n"), "Outputs of at least n bytes use streaming stores (0: all); returns the previous value.");
   // The kernels' own (software) dtype conversions over raw buffers.
   m.def(
       "_convert_to_f32",

@@ -38,6 +38,7 @@
 
 #include "common/dtype.h"
 #include "common/parallel.h"
+#include "common/stream.h"
 #include "common/select.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -1023,11 +1024,14 @@ struct MergePass {
   const Combine* combine;
   int64_t chunks;
 
+  bool stream;  // output larger than the cache: written with streaming stores
+
   void chunk(int64_t c) const {
     const int64_t nm = in->n;
     std::vector<float> rowbuf(static_cast<size_t>(nm * kBlock));
     Scratch s;
     alignas(64) float result[kBlock];
+    alignas(64) float staged[kBlock];  // the rounded block, when streamed
     auto state = rows->start(c);
     const int64_t begin = chunk_begin(in->numel, chunks, c), end = chunk_begin(in->numel, chunks, c + 1);
     for (int64_t off = begin; off < end; off += kBlock) {
@@ -1038,14 +1042,26 @@ struct MergePass {
         rows->make(state, i, off, n, s, rowbuf.data() + i * kBlock);
       }
       (*combine)(rowbuf.data(), nm, s, result, n);
+#ifdef PYMERGE_STREAM_STORES
+      if (stream) {
+        const int64_t size = int64_t(dtype_size(out_dtype));
+        store_any(out_dtype, staged, 0, result, n);
+        stream_copy(static_cast<char*>(out) + off * size, staged, n * size);
+        continue;
+      }
+#endif
       store_any(out_dtype, out, off, result, n);
     }
+#ifdef PYMERGE_STREAM_STORES
+    if (stream) stream_fence();
+#endif
   }
 };
 
 template <class Rows, class Combine>
 void merge(const Inputs& in, void* out, int out_dtype, const Rows& rows, const Combine& combine, int64_t chunks) {
-  run_chunks(MergePass<Rows, Combine>{&in, out, out_dtype, &rows, &combine, chunks}, chunks);
+  const bool stream = use_avx2() && stream_output(in.numel, int64_t(dtype_size(out_dtype)));
+  run_chunks(MergePass<Rows, Combine>{&in, out, out_dtype, &rows, &combine, chunks, stream}, chunks);
 }
 
 // Rows of the magnitude trims: model i keeps what lo[i] keeps and hi[i] (when
