@@ -12,9 +12,10 @@ merged from one YAML config by both command lines, each run in a fresh
 process, and reported as:
 
 - wall time: seconds from starting the command to its exit (interpreter start,
-  imports, reading, merging, writing), median of up to --repeats runs; runs
-  stop early when another would pass --budget-s for that method and tool
-  (the "runs" column says how many were timed);
+  imports, reading, merging, writing), median of up to --repeats runs after
+  --warmup untimed ones (default 1: the first run after the other tool pays for
+  the memory that tool just freed); runs stop early when another would pass
+  --budget-s for that method and tool (the "runs" column says how many were timed);
 - peak RSS: the child's maximum resident set size (GNU time -v, else VmHWM
   polled from /proc), the largest over its runs;
 - speed-up: mergekit's median wall time / pymerge's (a run still going after
@@ -229,6 +230,14 @@ def timed_run(cmd: list[str], log: Path, timeout: float | None) -> dict:
 def run_tool(name: str, cmd_for, out_dir: Path, logs: Path, args) -> dict:
     """Up to args.repeats timed runs (fewer past args.budget_s); a run past args.timeout_s ends the series."""
     times, peaks, stdout, timed_out = [], [], "", False
+    for i in range(args.warmup):
+        # Untimed: the first run after the other tool pays for the memory it just freed.
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        r = timed_run(cmd_for(out_dir), logs / f"{out_dir.name}-warmup-{i}.log", args.timeout_s)
+        print(f"    {name} warm-up run: {r['seconds']:.2f} s", file=sys.stderr, flush=True)
+        if r["timed_out"]:
+            break
     for i in range(args.repeats):
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -310,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shards", type=int, default=4)
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
     p.add_argument("--repeats", type=int, default=3, help="runs per method and tool (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs per method and tool before the timed ones")
     p.add_argument("--budget-s", type=float, default=150.0,
                    help="no further run of a method and tool once another would pass this many seconds (>= 1 run)")
     p.add_argument("--timeout-s", type=float, default=300.0,
@@ -407,7 +417,8 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(f"- mergekit: `mergekit-yaml CONFIG OUT --quiet --random-seed 0` (mergekit, torch: "
                          f"{mergekit_version(Path(args.mergekit_venv))}; otherwise its defaults, CPU)")
         lines += [f"- wall time: median of up to {args.repeats} runs (fewer when another would pass {args.budget_s:.0f} s; "
-                  f"a run is killed after {args.timeout_s:.0f} s); peak RSS: GNU time -v (largest over the runs); "
+                  f"a run is killed after {args.timeout_s:.0f} s), after {args.warmup} untimed run(s) per method and tool; "
+                  "peak RSS: GNU time -v (largest over the timed runs); "
                   "inputs in the page cache",
                   f"- total benchmark time: {total:.0f} s", "",
                   "| method | tool | runs | median s | min s | peak RSS MiB | speed-up vs mergekit |",
