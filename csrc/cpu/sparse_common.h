@@ -1064,6 +1064,38 @@ void merge(const Inputs& in, void* out, int out_dtype, const Rows& rows, const C
   run_chunks(MergePass<Rows, Combine>{&in, out, out_dtype, &rows, &combine, chunks, stream}, chunks);
 }
 
+// row = tau where lo keeps it, else +0, in one pass from tau (no key buffer), with
+// the threshold-equal keys counted on the way while the index tie-break is open.
+// Returns false, having changed nothing, for the one block where the tie-break
+// flips from taking equal keys to leaving them: the caller decides it key by key.
+inline bool trim_fused(const Trim& l, const float* __restrict tau, int64_t n, int64_t& seen,
+                       float* __restrict row) {
+  const TopK& top = l.top;
+  if (top.all) {
+    for (int64_t j = 0; j < n; ++j) row[j] = tau[j];
+    return true;
+  }
+  const uint32_t thr = top.threshold, kmax = l.max_key;
+  const bool open = top.ties_split() && seen < top.take_equal;
+  const uint32_t kmin = top.ties_split() && !open ? thr + 1 : thr;
+  if (!open) {
+    for (int64_t j = 0; j < n; ++j) {
+      const uint32_t k = mag_key(tau[j]);
+      row[j] = masked(tau[j], mask_of(k >= kmin) & mask_of(k <= kmax));
+    }
+    return true;
+  }
+  int32_t eq = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const uint32_t k = mag_key(tau[j]);
+    eq += int32_t(k == thr);
+    row[j] = masked(tau[j], mask_of(k >= kmin) & mask_of(k <= kmax));
+  }
+  if (seen + eq > top.take_equal) return false;
+  seen += eq;  // all of this block's equal keys are taken
+  return true;
+}
+
 // Rows of the magnitude trims: model i keeps what lo[i] keeps and hi[i] (when
 // given: breadcrumbs' dropped outliers) does not.
 struct TrimRows {
@@ -1091,9 +1123,10 @@ struct TrimRows {
       for (int64_t j = 0; j < n; ++j) row[j] = 0.0f;
       return;
     }
+    const bool drop = hi && !hi[i].top.none;
+    if (!drop && trim_fused(l, tau, n, st.seen_lo[size_t(i)], row)) return;
     uint32_t* __restrict keys = s.words;
     mag_keys(keys, tau, n);
-    const bool drop = hi && !hi[i].top.none;
     uint32_t lo_min, lo_max, hi_min = 0, hi_max = 0;
     // Usually the whole block follows one rule (keys in [min, max] kept or
     // dropped): one fused pass. Only the block where the index tie-break
