@@ -15,7 +15,8 @@ import torch
 from pymerge.ops.reference._common import check_inputs, per_model, resolve_out_dtype
 from pymerge.ops.reference.average import _check_finite_scalar, _check_out_dtype, scale_factor
 from pymerge.ops.reference.breadcrumbs import breadcrumbs_counts
-from pymerge.ops.reference.dare import COMBINE
+from pymerge.ops.reference.dare import COMBINE, _check_rescale
+from pymerge.ops.reference.philox import _check_seed
 from pymerge.ops.reference.ties import CONSENSUS, TRIM_TIES, _check_choice, trim_count
 
 
@@ -96,3 +97,57 @@ def breadcrumbs_args(base, tensors, weights, densities, gammas, *, lam, normaliz
         scale = fp32(_check_finite_scalar(lam, "lam"))
     return BreadcrumbsArgs(tensors, out_dtype, counts, [fp32(wi) for wi in w], scale, combine == "ties",
                            bool(normalize), consensus == "count")
+
+
+def check_density(density) -> float:
+    """A DARE keep probability as a float (NaN refused; the kernels clamp the rest)."""
+    density = float(density)
+    if density != density:
+        raise ValueError("density is NaN")
+    return density
+
+
+class DareArgs(NamedTuple):
+    tensors: list[torch.Tensor]
+    out_dtype: torch.dtype
+    name: str
+    seed: int
+    densities: list[float]  # as given, checked
+    densities32: list[float]  # fp32
+    rescale: str  # "l1", "inverse_density" or "none"
+    weights: list[float]  # fp32
+    scale: float  # fp32: c of the linear combine, lambda of the TIES one
+    combine_ties: bool
+    normalize: bool
+    count_consensus: bool
+
+    def inverse_density_factors(self) -> list[float]:
+        """fp32(1 / min(density, 1)) per model (1 for density 0): the "inverse_density" rescale."""
+        return [fp32(1.0 / min(d, 1.0)) if d > 0.0 else 1.0 for d in self.densities]
+
+
+def dare_args(base, tensors, weights, densities, *, name, seed, lam, normalize, rescale, combine, consensus,
+              out_dtype) -> DareArgs:
+    """The checked arguments of dare_merge (reference.dare.dare_merge)."""
+    if base is None:
+        raise ValueError("dare_merge needs a base tensor")
+    if not isinstance(name, str):
+        raise ValueError(f"name must be a str, got {type(name).__name__}")
+    rescale = _check_rescale(rescale)
+    combine = _check_choice(combine, COMBINE, "combine")
+    consensus = _check_choice(consensus, CONSENSUS, "consensus")
+    tensors = list(tensors)
+    check_inputs(tensors, base)
+    out_dtype = _check_out_dtype(resolve_out_dtype(tensors, out_dtype))
+    n = len(tensors)
+    dens = [check_density(d) for d in per_model(densities, n, "densities")]
+    seed = _check_seed(seed)
+    w = per_model(weights, n, "weights")
+    for wi in w:
+        _check_finite_scalar(wi, "weight")
+    if combine == "linear":
+        scale = scale_factor(w, lam, normalize)  # fp32 c; raises for normalize with sum 0
+    else:
+        scale = fp32(_check_finite_scalar(lam, "lam"))
+    return DareArgs(tensors, out_dtype, name, seed, dens, [fp32(d) for d in dens], rescale, [fp32(wi) for wi in w],
+                    scale, combine == "ties", bool(normalize), consensus == "count")

@@ -16,20 +16,11 @@ import torch
 from pymerge.hostmem import empty
 from pymerge.backends.cpu._lib import DTYPE_TAGS, fp32, lib
 from pymerge.backends.cpu._sparse import buffers
-from pymerge.ops.reference._common import check_inputs, per_model, resolve_out_dtype
-from pymerge.ops.reference.average import _check_finite_scalar, _check_out_dtype, scale_factor
-from pymerge.ops.reference.dare import COMBINE, L1_EPS, _check_rescale
+from pymerge.backends._args import check_density, dare_args
+from pymerge.ops.reference.dare import L1_EPS
 from pymerge.ops.reference.philox import _check_model_index, _check_numel, _check_seed
-from pymerge.ops.reference.ties import CONSENSUS, _check_choice
 
 __all__ = ["dare_merge", "dare_keep_mask"]
-
-
-def _check_density(density) -> float:
-    density = float(density)
-    if density != density:
-        raise ValueError("density is NaN")
-    return density
 
 
 def dare_merge(
@@ -57,59 +48,40 @@ def dare_merge(
     TIES steps 2-6, rounded once to out_dtype (default tensors[0].dtype).
     """
     kernels = lib()
-    if base is None:
-        raise ValueError("dare_merge needs a base tensor")
-    if not isinstance(name, str):
-        raise ValueError(f"name must be a str, got {type(name).__name__}")
-    rescale = _check_rescale(rescale)
-    combine = _check_choice(combine, COMBINE, "combine")
-    consensus = _check_choice(consensus, CONSENSUS, "consensus")
-    tensors = list(tensors)
-    check_inputs(tensors, base)
-    out_dtype = _check_out_dtype(resolve_out_dtype(tensors, out_dtype))
-    n = len(tensors)
-    dens = [_check_density(d) for d in per_model(densities, n, "densities")]
-    seed = _check_seed(seed)
-    name_bytes = name.encode("utf-8")
-    w = per_model(weights, n, "weights")
-    for wi in w:
-        _check_finite_scalar(wi, "weight")
-    if combine == "linear":
-        scale = scale_factor(w, lam, normalize)  # fp32 c; raises for normalize with sum 0
-    else:
-        scale = fp32(_check_finite_scalar(lam, "lam"))
-    w32 = [fp32(wi) for wi in w]
-    dens32 = [fp32(d) for d in dens]
-    bufs = buffers(base, tensors)
-    out = empty(tensors[0].shape, dtype=out_dtype)
+    a = dare_args(base, tensors, weights, densities, name=name, seed=seed, lam=lam, normalize=normalize,
+                  rescale=rescale, combine=combine, consensus=consensus, out_dtype=out_dtype)
+    n = len(a.tensors)
+    bufs = buffers(base, a.tensors)
+    out = empty(a.tensors[0].shape, dtype=a.out_dtype)
     if bufs.numel == 0:
         return out
 
+    name_bytes = a.name.encode("utf-8")
     factors = [1.0] * n
     masks = None
-    if rescale == "l1":
+    if a.rescale == "l1":
         # The norm pass keeps its Philox masks, bit-packed, for the merge pass.
         masks = empty(n * ((bufs.numel + 31) // 32), dtype=torch.int32)
-        norms = kernels.dare_l1_norms(*bufs.args(), name_bytes, seed, dens32, masks.data_ptr())
+        norms = kernels.dare_l1_norms(*bufs.args(), name_bytes, a.seed, a.densities32, masks.data_ptr())
         for i, (n1, n2) in enumerate(norms):
             if n1 >= L1_EPS and n2 >= L1_EPS:
                 factors[i] = fp32(n1 / n2)
-    elif rescale == "inverse_density":
-        factors = [fp32(1.0 / min(d, 1.0)) if d > 0.0 else 1.0 for d in dens]
+    elif a.rescale == "inverse_density":
+        factors = a.inverse_density_factors()
 
     kernels.dare_merge(
         out.data_ptr(),
-        DTYPE_TAGS[out_dtype],
+        DTYPE_TAGS[a.out_dtype],
         *bufs.args(),
         name_bytes,
-        seed,
-        dens32,
+        a.seed,
+        a.densities32,
         factors,
-        w32,
-        combine == "ties",
-        scale,
-        bool(normalize),
-        consensus == "count",
+        a.weights,
+        a.combine_ties,
+        a.scale,
+        a.normalize,
+        a.count_consensus,
         0 if masks is None else masks.data_ptr(),
     )
     return out
@@ -127,7 +99,7 @@ def dare_keep_mask(
     """keep_p = u_p < fp32(density), u from Philox 4x32-10 keyed by (name, seed,
     model_index), counter = p; see reference.philox.dare_keep_mask. CPU only."""
     kernels = lib()
-    density = _check_density(density)
+    density = check_density(density)
     numel = _check_numel(numel)
     if not isinstance(name, str):
         raise ValueError(f"name must be a str, got {type(name).__name__}")

@@ -24,20 +24,11 @@ from pymerge.backends.cuda._lib import (
     stream,
     tag,
 )
-from pymerge.ops.reference._common import check_inputs, per_model, resolve_out_dtype
-from pymerge.ops.reference.average import _check_finite_scalar, _check_out_dtype, scale_factor
-from pymerge.ops.reference.dare import COMBINE, _check_rescale
+from pymerge.backends._args import check_density, dare_args
+from pymerge.ops.reference._common import per_model
 from pymerge.ops.reference.philox import _check_model_index, _check_numel, _check_seed
-from pymerge.ops.reference.ties import CONSENSUS, _check_choice
 
 __all__ = ["dare_merge", "dare_keep_mask"]
-
-
-def _check_density(density) -> float:
-    density = float(density)
-    if density != density:
-        raise ValueError("density is NaN")
-    return density
 
 
 def _buffers(base: torch.Tensor, tensors: list[torch.Tensor]):
@@ -54,7 +45,7 @@ def l1_factors(base, tensors, *, name: str, seed: int, densities, with_norms: bo
     tensors = list(tensors)
     device, base_c, inputs, base_tag, tags = _buffers(base, tensors)
     n = len(tensors)
-    dens32 = [fp32(_check_density(d)) for d in per_model(densities, n, "densities")]
+    dens32 = [fp32(check_density(d)) for d in per_model(densities, n, "densities")]
     hist = torch.zeros((n, 2, kernels.DARE_HIST_BINS), dtype=torch.int64, device=device)
     factors = torch.empty(n, dtype=torch.float32, device=device)
     norms = torch.empty((n, 2), dtype=torch.float64, device=device) if with_norms else None
@@ -91,47 +82,27 @@ def dare_merge(
     out_dtype (default tensors[0].dtype).
     """
     kernels = lib()
-    if base is None:
-        raise ValueError("dare_merge needs a base tensor")
-    if not isinstance(name, str):
-        raise ValueError(f"name must be a str, got {type(name).__name__}")
-    rescale = _check_rescale(rescale)
-    combine = _check_choice(combine, COMBINE, "combine")
-    consensus = _check_choice(consensus, CONSENSUS, "consensus")
-    tensors = list(tensors)
-    check_inputs(tensors, base)
-    out_dtype = _check_out_dtype(resolve_out_dtype(tensors, out_dtype))
-    n = len(tensors)
-    dens = [_check_density(d) for d in per_model(densities, n, "densities")]
-    seed = _check_seed(seed)
-    name_bytes = name.encode("utf-8")
-    w = per_model(weights, n, "weights")
-    for wi in w:
-        _check_finite_scalar(wi, "weight")
-    if combine == "linear":
-        scale = scale_factor(w, lam, normalize)  # fp32 c; raises for normalize with sum 0
-    else:
-        scale = fp32(_check_finite_scalar(lam, "lam"))
-    w32 = [fp32(wi) for wi in w]
-    dens32 = [fp32(d) for d in dens]
-    device, base_c, inputs, base_tag, tags = _buffers(base, tensors)
-    o_tag = out_tag(out_dtype)
-    out = torch.empty(tensors[0].shape, dtype=out_dtype, device=device)
+    a = dare_args(base, tensors, weights, densities, name=name, seed=seed, lam=lam, normalize=normalize,
+                  rescale=rescale, combine=combine, consensus=consensus, out_dtype=out_dtype)
+    n = len(a.tensors)
+    device, base_c, inputs, base_tag, tags = _buffers(base, a.tensors)
+    o_tag = out_tag(a.out_dtype)
+    out = torch.empty(a.tensors[0].shape, dtype=a.out_dtype, device=device)
     if base_c.numel() == 0:
         return out
 
     factors = [1.0] * n
     dev_factors = None
-    if rescale == "l1":
-        dev_factors = l1_factors(base_c, inputs, name=name, seed=seed, densities=dens32)
-    elif rescale == "inverse_density":
-        factors = [fp32(1.0 / min(d, 1.0)) if d > 0.0 else 1.0 for d in dens]
+    if a.rescale == "l1":
+        dev_factors = l1_factors(base_c, inputs, name=a.name, seed=a.seed, densities=a.densities32)
+    elif a.rescale == "inverse_density":
+        factors = a.inverse_density_factors()
 
     with on_device(device):
         kernels.dare_merge(
             out.data_ptr(), o_tag, [t.data_ptr() for t in inputs], tags, base_c.data_ptr(), base_tag, base_c.numel(),
-            name_bytes, seed, dens32, factors, dev_factors.data_ptr() if dev_factors is not None else 0, w32,
-            combine == "ties", scale, bool(normalize), consensus == "count", stream(device),
+            a.name.encode("utf-8"), a.seed, a.densities32, factors, dev_factors.data_ptr() if dev_factors is not None else 0,
+            a.weights, a.combine_ties, a.scale, a.normalize, a.count_consensus, stream(device),
         )
     return out
 
@@ -149,7 +120,7 @@ def dare_keep_mask(
     model_index), counter = p; see reference.philox.dare_keep_mask. CUDA devices only
     (device None: the current CUDA device)."""
     kernels = lib()
-    density = _check_density(density)
+    density = check_density(density)
     numel = _check_numel(numel)
     if not isinstance(name, str):
         raise ValueError(f"name must be a str, got {type(name).__name__}")

@@ -6,12 +6,10 @@ from typing import Sequence
 
 import torch
 
-from pymerge.backends.triton._lib import check_device, check_device_type, flat, fp32, fp32_tensor, kernels
-from pymerge.ops.reference._common import check_inputs, per_model, resolve_out_dtype
-from pymerge.ops.reference.average import _check_finite_scalar, _check_out_dtype, scale_factor
-from pymerge.ops.reference.dare import COMBINE, L1_EPS, _check_rescale
+from pymerge.backends.triton._lib import check_device, check_device_type, flat, fp32_tensor, kernels
+from pymerge.backends._args import check_density, dare_args
+from pymerge.ops.reference.dare import L1_EPS
 from pymerge.ops.reference.philox import _check_numel, dare_key64
-from pymerge.ops.reference.ties import CONSENSUS, _check_choice
 
 __all__ = ["dare_merge", "dare_keep_mask"]
 
@@ -20,13 +18,6 @@ def _keys(name: str, seed: int, n_models: int, device) -> torch.Tensor:
     """key64 of each model as int64 bit patterns (the kernels reinterpret them as uint64)."""
     keys = [dare_key64(name, seed, i) for i in range(n_models)]
     return torch.tensor([k - (1 << 64) if k >= 1 << 63 else k for k in keys], dtype=torch.int64, device=device)
-
-
-def _check_density(d: float) -> float:
-    d = float(d)
-    if d != d:
-        raise ValueError("density is NaN")
-    return d
 
 
 def dare_keep_mask(
@@ -42,7 +33,7 @@ def dare_keep_mask(
     k = kernels()
     numel = _check_numel(numel)
     key64 = dare_key64(name, seed, model_index)  # validates name, seed, model_index
-    density = _check_density(density)
+    density = check_density(density)
     device = check_device_type(device, "dare_keep_mask")
     keep = torch.empty(numel, dtype=torch.bool, device=device)
     key = torch.tensor([key64 - (1 << 64) if key64 >= 1 << 63 else key64], dtype=torch.int64, device=device)
@@ -73,38 +64,22 @@ def dare_merge(
     (see triton_kernels/dare.py).
     """
     k = kernels()
-    if base is None:
-        raise ValueError("dare_merge needs a base tensor")
-    if not isinstance(name, str):
-        raise ValueError(f"name must be a str, got {type(name).__name__}")
-    rescale = _check_rescale(rescale)
-    combine = _check_choice(combine, COMBINE, "combine")
-    consensus = _check_choice(consensus, CONSENSUS, "consensus")
-    tensors = list(tensors)
-    check_inputs(tensors, base)
-    device = check_device(tensors + [base])
-    out_dtype = _check_out_dtype(resolve_out_dtype(tensors, out_dtype))
-    n = len(tensors)
-    dens = [_check_density(d) for d in per_model(densities, n, "densities")]
-    w = per_model(weights, n, "weights")
-    for wi in w:
-        _check_finite_scalar(wi, "weight")
-    if combine == "linear":
-        scale = scale_factor(w, lam, normalize)
-    else:
-        scale = fp32(_check_finite_scalar(lam, "lam"))
-    keys = _keys(name, seed, n, device)  # validates seed
-    out = torch.empty(tensors[0].shape, dtype=out_dtype, device=device)
+    a = dare_args(base, tensors, weights, densities, name=name, seed=seed, lam=lam, normalize=normalize,
+                  rescale=rescale, combine=combine, consensus=consensus, out_dtype=out_dtype)
+    n = len(a.tensors)
+    device = check_device(a.tensors + [base])
+    keys = _keys(a.name, a.seed, n, device)
+    out = torch.empty(a.tensors[0].shape, dtype=a.out_dtype, device=device)
     if out.numel() == 0:
         return out
 
     b = flat(base)
-    xs = [flat(t) for t in tensors]
-    dens32 = fp32_tensor(dens, device)
-    if rescale == "l1":
+    xs = [flat(t) for t in a.tensors]
+    dens32 = fp32_tensor(a.densities32, device)
+    if a.rescale == "l1":
         factors = k.dare.l1_factors(b, xs, keys, dens32, L1_EPS)
-    elif rescale == "inverse_density":
-        factors = fp32_tensor([1.0 / min(d, 1.0) if d > 0.0 else 1.0 for d in dens], device)
+    elif a.rescale == "inverse_density":
+        factors = fp32_tensor(a.inverse_density_factors(), device)
     else:
         factors = torch.ones(n, dtype=torch.float32, device=device)
     k.dare.merge(
@@ -114,10 +89,10 @@ def dare_merge(
         keys,
         dens32,
         factors,
-        fp32_tensor(w, device),
-        scale,
-        ties=combine == "ties",
-        count_consensus=consensus == "count",
-        normalize=normalize,
+        fp32_tensor(a.weights, device),
+        a.scale,
+        ties=a.combine_ties,
+        count_consensus=a.count_consensus,
+        normalize=a.normalize,
     )
     return out
