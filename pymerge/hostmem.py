@@ -29,6 +29,7 @@ __all__ = ["empty", "release", "pool_stats"]
 _HUGE = 1 << 21  # x86-64 and arm64 transparent huge page size
 _MIN_BYTES = 1 << 20  # below this, torch's allocator reuses memory well enough
 _MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)  # Linux only
+_ANONYMOUS_MAPS = hasattr(mmap, "MAP_ANONYMOUS") and hasattr(mmap, "MAP_PRIVATE")  # POSIX; elsewhere no pool
 
 
 def _capacity(nbytes: int) -> int:
@@ -72,7 +73,7 @@ def _calibrate() -> int:
     return count
 
 
-_FREE_REFS = _calibrate()
+_FREE_REFS = _calibrate() if _ANONYMOUS_MAPS else 0
 
 
 class _Pool:
@@ -134,7 +135,7 @@ def empty(shape, dtype: torch.dtype, pin_memory: bool = False) -> torch.Tensor:
     for d in shape:
         numel *= int(d)
     nbytes = numel * dtype.itemsize
-    if pin_memory or nbytes < _MIN_BYTES:
+    if pin_memory or nbytes < _MIN_BYTES or not _ANONYMOUS_MAPS:
         return torch.empty(shape, dtype=dtype, pin_memory=pin_memory)
     return _pool.take(nbytes).view(dtype).view(shape)
 

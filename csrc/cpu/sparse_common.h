@@ -1066,8 +1066,9 @@ void merge(const Inputs& in, void* out, int out_dtype, const Rows& rows, const C
 
 // row = tau where lo keeps it, else +0, in one pass from tau (no key buffer), with
 // the threshold-equal keys counted on the way while the index tie-break is open.
-// Returns false, having changed nothing, for the one block where the tie-break
-// flips from taking equal keys to leaving them: the caller decides it key by key.
+// Returns false, with `seen` unchanged, for the one block where the tie-break
+// flips from taking equal keys to leaving them: the caller redoes that block key
+// by key.
 inline bool trim_fused(const Trim& l, const float* __restrict tau, int64_t n, int64_t& seen,
                        float* __restrict row) {
   const TopK& top = l.top;

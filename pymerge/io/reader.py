@@ -2,7 +2,8 @@
 
 Opening a checkpoint validates every file cheaply (headers only, parsed here rather than
 trusting the library) so that a broken input fails before any merge work starts. Tensor
-data is read lazily, one tensor at a time, with positional reads.
+data is read lazily, one tensor at a time: a private memory map of the tensor's bytes
+(see _SafetensorsShard), or a positional read into pinned memory for a GPU.
 """
 
 from __future__ import annotations
