@@ -14,8 +14,8 @@ import torch
 
 from pymerge.ops.reference._common import check_inputs, per_model, resolve_out_dtype
 from pymerge.ops.reference.average import _check_finite_scalar, _check_out_dtype, scale_factor
-from pymerge.ops.reference.breadcrumbs import breadcrumbs_counts
-from pymerge.ops.reference.dare import COMBINE, _check_rescale
+from pymerge.ops.reference.breadcrumbs import breadcrumbs_counts, check_breadcrumbs_args
+from pymerge.ops.reference.dare import check_dare_args
 from pymerge.ops.reference.philox import _check_seed
 from pymerge.ops.reference.ties import CONSENSUS, TRIM_TIES, _check_choice, trim_count
 
@@ -35,6 +35,19 @@ def weights32(weights, n: int) -> list[float]:
     for wi in w:
         _check_finite_scalar(wi, "weight")
     return [fp32(wi) for wi in w]
+
+
+def _combine_scalars(weights, n: int, lam, normalize, combine: str) -> tuple[list[float], float]:
+    """(fp32 weights, fp32 scale) of linear_combine / ties_combine: the scale is c = lam [/ sum(weights)]
+    for "linear" (normalize with a zero sum raises), lambda for "ties"."""
+    w = per_model(weights, n, "weights")
+    for wi in w:
+        _check_finite_scalar(wi, "weight")
+    if combine == "linear":
+        scale = scale_factor(w, lam, normalize)
+    else:
+        scale = fp32(_check_finite_scalar(lam, "lam"))
+    return [fp32(wi) for wi in w], scale
 
 
 class TiesArgs(NamedTuple):
@@ -77,26 +90,14 @@ class BreadcrumbsArgs(NamedTuple):
 def breadcrumbs_args(base, tensors, weights, densities, gammas, *, lam, normalize, combine, consensus,
                      out_dtype) -> BreadcrumbsArgs:
     """The checked arguments of breadcrumbs_merge (reference.breadcrumbs.breadcrumbs_merge)."""
-    if base is None:
-        raise ValueError("breadcrumbs_merge needs a base tensor")
-    combine = _check_choice(combine, COMBINE, "combine")
-    consensus = _check_choice(consensus, CONSENSUS, "consensus")
-    tensors = list(tensors)
-    check_inputs(tensors, base)
-    out_dtype = _check_out_dtype(resolve_out_dtype(tensors, out_dtype))
+    tensors, combine, consensus, out_dtype = check_breadcrumbs_args(base, tensors, combine, consensus, out_dtype)
     n = len(tensors)
     dens = per_model(densities, n, "densities")
     gams = per_model(0.01 if gammas is None else gammas, n, "gammas")
     counts = [breadcrumbs_counts(dens[i], gams[i], base.numel()) for i in range(n)]
-    w = per_model(weights, n, "weights")
-    for wi in w:
-        _check_finite_scalar(wi, "weight")
-    if combine == "linear":
-        scale = scale_factor(w, lam, normalize)  # fp32 c; raises for normalize with sum 0
-    else:
-        scale = fp32(_check_finite_scalar(lam, "lam"))
-    return BreadcrumbsArgs(tensors, out_dtype, counts, [fp32(wi) for wi in w], scale, combine == "ties",
-                           bool(normalize), consensus == "count")
+    w32, scale = _combine_scalars(weights, n, lam, normalize, combine)
+    return BreadcrumbsArgs(tensors, out_dtype, counts, w32, scale, combine == "ties", bool(normalize),
+                           consensus == "count")
 
 
 def check_density(density) -> float:
@@ -129,25 +130,12 @@ class DareArgs(NamedTuple):
 def dare_args(base, tensors, weights, densities, *, name, seed, lam, normalize, rescale, combine, consensus,
               out_dtype) -> DareArgs:
     """The checked arguments of dare_merge (reference.dare.dare_merge)."""
-    if base is None:
-        raise ValueError("dare_merge needs a base tensor")
-    if not isinstance(name, str):
-        raise ValueError(f"name must be a str, got {type(name).__name__}")
-    rescale = _check_rescale(rescale)
-    combine = _check_choice(combine, COMBINE, "combine")
-    consensus = _check_choice(consensus, CONSENSUS, "consensus")
-    tensors = list(tensors)
-    check_inputs(tensors, base)
-    out_dtype = _check_out_dtype(resolve_out_dtype(tensors, out_dtype))
+    tensors, rescale, combine, consensus, out_dtype = check_dare_args(
+        base, tensors, name, rescale, combine, consensus, out_dtype
+    )
     n = len(tensors)
     dens = [check_density(d) for d in per_model(densities, n, "densities")]
     seed = _check_seed(seed)
-    w = per_model(weights, n, "weights")
-    for wi in w:
-        _check_finite_scalar(wi, "weight")
-    if combine == "linear":
-        scale = scale_factor(w, lam, normalize)  # fp32 c; raises for normalize with sum 0
-    else:
-        scale = fp32(_check_finite_scalar(lam, "lam"))
-    return DareArgs(tensors, out_dtype, name, seed, dens, [fp32(d) for d in dens], rescale, [fp32(wi) for wi in w],
-                    scale, combine == "ties", bool(normalize), consensus == "count")
+    w32, scale = _combine_scalars(weights, n, lam, normalize, combine)
+    return DareArgs(tensors, out_dtype, name, seed, dens, [fp32(d) for d in dens], rescale, w32, scale,
+                    combine == "ties", bool(normalize), consensus == "count")

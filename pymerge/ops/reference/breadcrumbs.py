@@ -55,6 +55,18 @@ def breadcrumbs_keep_mask(tau_abs_flat: torch.Tensor, density: float, gamma: flo
     return mask
 
 
+def check_breadcrumbs_args(base, tensors, combine, consensus, out_dtype):
+    """breadcrumbs_merge's checks, in its order (every backend raises the same errors):
+    (tensors as a list, combine, consensus, out_dtype) resolved."""
+    if base is None:
+        raise ValueError("breadcrumbs_merge needs a base tensor")
+    combine = _check_choice(combine, COMBINE, "combine")
+    consensus = _check_choice(consensus, CONSENSUS, "consensus")
+    tensors = list(tensors)
+    check_inputs(tensors, base)
+    return tensors, combine, consensus, _check_out_dtype(resolve_out_dtype(tensors, out_dtype))
+
+
 def breadcrumbs_merge(
     base: torch.Tensor,
     tensors: Sequence[torch.Tensor],
@@ -79,13 +91,7 @@ def breadcrumbs_merge(
     weights / densities / gammas: a scalar or one value per model. Output: out_dtype,
     default tensors[0].dtype, one rounding.
     """
-    if base is None:
-        raise ValueError("breadcrumbs_merge needs a base tensor")
-    combine = _check_choice(combine, COMBINE, "combine")
-    consensus = _check_choice(consensus, CONSENSUS, "consensus")
-    tensors = list(tensors)
-    check_inputs(tensors, base)
-    out_dtype = _check_out_dtype(resolve_out_dtype(tensors, out_dtype))
+    tensors, combine, consensus, out_dtype = check_breadcrumbs_args(base, tensors, combine, consensus, out_dtype)
     n = len(tensors)
     dens = per_model(densities, n, "densities")
     gams = per_model(0.01 if gammas is None else gammas, n, "gammas")

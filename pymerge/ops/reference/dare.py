@@ -105,6 +105,21 @@ def dare_drop(
     return torch.where(keep, tau * f32, zero)
 
 
+def check_dare_args(base, tensors, name, rescale, combine, consensus, out_dtype):
+    """dare_merge's checks, in its order (every backend raises the same errors):
+    (tensors as a list, rescale, combine, consensus, out_dtype) resolved."""
+    if base is None:
+        raise ValueError("dare_merge needs a base tensor")
+    if not isinstance(name, str):
+        raise ValueError(f"name must be a str, got {type(name).__name__}")
+    rescale = _check_rescale(rescale)
+    combine = _check_choice(combine, COMBINE, "combine")
+    consensus = _check_choice(consensus, CONSENSUS, "consensus")
+    tensors = list(tensors)
+    check_inputs(tensors, base)
+    return tensors, rescale, combine, consensus, _check_out_dtype(resolve_out_dtype(tensors, out_dtype))
+
+
 def dare_merge(
     base: torch.Tensor,
     tensors: Sequence[torch.Tensor],
@@ -134,16 +149,9 @@ def dare_merge(
     weights / densities: a scalar or one value per model. Output: out_dtype, default
     tensors[0].dtype, one rounding.
     """
-    if base is None:
-        raise ValueError("dare_merge needs a base tensor")
-    if not isinstance(name, str):
-        raise ValueError(f"name must be a str, got {type(name).__name__}")
-    rescale = _check_rescale(rescale)
-    combine = _check_choice(combine, COMBINE, "combine")
-    consensus = _check_choice(consensus, CONSENSUS, "consensus")
-    tensors = list(tensors)
-    check_inputs(tensors, base)
-    out_dtype = _check_out_dtype(resolve_out_dtype(tensors, out_dtype))
+    tensors, rescale, combine, consensus, out_dtype = check_dare_args(
+        base, tensors, name, rescale, combine, consensus, out_dtype
+    )
     n = len(tensors)
     dens = per_model(densities, n, "densities")
     tau = task_vectors(base, tensors)
