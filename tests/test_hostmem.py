@@ -1,9 +1,8 @@
-import threading
-
 import pytest
 import torch
 
 from pymerge import hostmem
+from pymerge.testing import run_in_threads
 
 MiB = 1 << 20
 
@@ -95,20 +94,10 @@ def test_idle_bytes_stay_below_peak_use_and_release_frees_them():
 
 
 def test_concurrent_use():
-    errors = []
-
     def worker(k):
-        try:
-            for i in range(50):
-                t = hostmem.empty((MiB + k,), dtype=torch.float32)
-                t.fill_(float(k * 1000 + i))
-                assert bool((t == float(k * 1000 + i)).all())
-        except Exception as e:  # pragma: no cover - reported below
-            errors.append(e)
+        for i in range(50):
+            t = hostmem.empty((MiB + k,), dtype=torch.float32)
+            t.fill_(float(k * 1000 + i))
+            assert bool((t == float(k * 1000 + i)).all())
 
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    run_in_threads(worker, 4)

@@ -1,6 +1,5 @@
 import json
 import struct
-import threading
 from pathlib import Path
 
 import pytest
@@ -8,6 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from pymerge.errors import CheckpointError
+from pymerge.testing import run_in_threads
 from pymerge.io import (
     SAFETENSORS_DTYPES,
     TORCH_TO_SAFETENSORS,
@@ -314,22 +314,13 @@ def test_dtype_maps_are_inverse():
 def test_concurrent_get(tmp_path):
     t = {f"w{i}": torch.full((64,), float(i)) for i in range(32)}
     _sharded(tmp_path, t, [list(t)[:16], list(t)[16:]])
-    errors = []
     with CheckpointReader(tmp_path) as r:
         def work(offset):
-            try:
-                for j in range(200):
-                    k = f"w{(j + offset) % 32}"
-                    assert torch.equal(r.get(k), t[k])
-            except Exception as e:  # surfaced below
-                errors.append(e)
+            for j in range(200):
+                k = f"w{(j + offset) % 32}"
+                assert torch.equal(r.get(k), t[k])
 
-        threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
-    assert not errors
+        run_in_threads(work, 4)
 
 
 def test_get_after_close(tmp_path):
