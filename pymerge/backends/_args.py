@@ -16,6 +16,7 @@ from pymerge.ops.reference._common import check_inputs, per_model, resolve_out_d
 from pymerge.ops.reference.average import _check_finite_scalar, _check_out_dtype, scale_factor
 from pymerge.ops.reference.breadcrumbs import breadcrumbs_counts, check_breadcrumbs_args
 from pymerge.ops.reference.dare import check_dare_args
+from pymerge.ops.reference.pcb import _check_ratio, _resolve_lambdas, pcb_clip_indices, pcb_score_index
 from pymerge.ops.reference.philox import _check_seed
 from pymerge.ops.reference.ties import CONSENSUS, TRIM_TIES, _check_choice, trim_count
 
@@ -139,3 +140,35 @@ def dare_args(base, tensors, weights, densities, *, name, seed, lam, normalize, 
     w32, scale = _combine_scalars(weights, n, lam, normalize, combine)
     return DareArgs(tensors, out_dtype, name, seed, dens, [fp32(d) for d in dens], rescale, w32, scale,
                     combine == "ties", bool(normalize), consensus == "count")
+
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class PcbArgs(NamedTuple):
+    out_dtype: torch.dtype
+    kernel_dtype: torch.dtype  # what the kernel writes: out_dtype, or fp32 (cast once after) for other dtypes
+    lam: float  # fp32
+    lambdas: list[float] | None  # fp32, per model; None: lam for every model
+    i_lo: int  # pcb_merge only: ranks of the clip quantiles of |tau| ...
+    i_hi: int
+    k_q: int  # ... and of the score quantile
+
+    def finish(self, out: torch.Tensor) -> torch.Tensor:
+        """The kernel's output in out_dtype (the reference's final .to(out_dtype))."""
+        return out if out.dtype == self.out_dtype else out.to(self.out_dtype)
+
+
+def pcb_args(base, n: int, *, lam, lambdas, out_dtype, density=None, clip_ratio=None) -> PcbArgs:
+    """The checked arguments of pcb_merge (with density and clip_ratio) or pcb_merge_with_stats
+    (reference.pcb), after the input checks."""
+    if density is not None:
+        _check_ratio(density, "density")
+    lambdas = _resolve_lambdas(lam, lambdas, n)
+    out_dtype = resolve_out_dtype([base], out_dtype)
+    i_lo = i_hi = k_q = 0
+    if density is not None:
+        i_lo, i_hi = pcb_clip_indices(base.numel(), clip_ratio)
+        k_q = pcb_score_index(base.numel(), density)
+    return PcbArgs(out_dtype, out_dtype if out_dtype in _KERNEL_DTYPES else torch.float32, fp32(lam),
+                   None if lambdas is None else [fp32(x) for x in lambdas], i_lo, i_hi, k_q)

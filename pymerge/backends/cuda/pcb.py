@@ -17,21 +17,15 @@ from pymerge.backends.cuda._lib import (
     DTYPE_TAGS,
     check_models,
     contiguous,
-    fp32,
     lib,
     on_device,
     same_device,
     stream,
     tag,
 )
-from pymerge.ops.reference._common import check_inputs, resolve_out_dtype
-from pymerge.ops.reference.pcb import (
-    _as_f32_vector,
-    _check_ratio,
-    _resolve_lambdas,
-    pcb_clip_indices,
-    pcb_score_index,
-)
+from pymerge.backends._args import pcb_args
+from pymerge.ops.reference._common import check_inputs
+from pymerge.ops.reference.pcb import _as_f32_vector
 
 __all__ = ["pcb_scores", "pcb_merge_with_stats", "pcb_merge"]
 
@@ -52,20 +46,6 @@ def _prepare(base, tensors, what: str):
 
 def _f32_list(x, n: int, name: str) -> list[float]:
     return _as_f32_vector(x, n, name, torch.device("cpu")).tolist()
-
-
-def _out_buffer(shape, out_dtype: torch.dtype, device) -> torch.Tensor:
-    # Dtypes without a kernel tag (float64, ...) get the fp32 result cast once,
-    # as the reference's final .to(out_dtype).
-    return torch.empty(shape, dtype=out_dtype if out_dtype in DTYPE_TAGS else torch.float32, device=device)
-
-
-def _finish(out: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    return out if out.dtype == out_dtype else out.to(out_dtype)
-
-
-def _lambdas_f32(lambdas) -> list[float]:
-    return [] if lambdas is None else [fp32(x) for x in lambdas]
 
 
 def pcb_scores(
@@ -113,10 +93,9 @@ def pcb_merge_with_stats(
     kernels = lib()
     device, base_c, inputs, in_tags = _prepare(base, tensors, "pcb_merge_with_stats")
     n = len(inputs)
-    lambdas = _resolve_lambdas(lam, lambdas, n)
-    out_dtype = resolve_out_dtype([base], out_dtype)
+    a = pcb_args(base, n, lam=lam, lambdas=lambdas, out_dtype=out_dtype)
     stats = [_f32_list(v, n, name) for v, name in ((lo, "lo"), (hi, "hi"), (q, "q"), (M, "M"))]
-    out = _out_buffer(base.shape, out_dtype, device)
+    out = torch.empty(base.shape, dtype=a.kernel_dtype, device=device)
     numel = out.numel()
     if numel:
         with on_device(device):
@@ -129,25 +108,20 @@ def pcb_merge_with_stats(
                 tag(base_c, "base"),
                 numel,
                 *stats,
-                fp32(lam),
-                _lambdas_f32(lambdas),
+                a.lam,
+                a.lambdas or [],
                 stream(device),
             )
-    return _finish(out, out_dtype)
+    return a.finish(out)
 
 
 def _pcb_merge(base, tensors, density, clip_ratio, lam, lambdas, out_dtype):
     """(output, (lo, hi, q, M) as fp32 lists); the statistics are for tests."""
     kernels = lib()
     device, base_c, inputs, in_tags = _prepare(base, tensors, "pcb_merge")
-    n = len(inputs)
-    _check_ratio(density, "density")
-    lambdas = _resolve_lambdas(lam, lambdas, n)
-    out_dtype = resolve_out_dtype([base], out_dtype)
-    numel = base_c.numel()
-    i_lo, i_hi = pcb_clip_indices(numel, clip_ratio)
-    k_q = pcb_score_index(numel, density)
-    out = _out_buffer(base.shape, out_dtype, device)
+    a = pcb_args(base, len(inputs), lam=lam, lambdas=lambdas, out_dtype=out_dtype, density=density,
+                 clip_ratio=clip_ratio)
+    out = torch.empty(base.shape, dtype=a.kernel_dtype, device=device)
     with on_device(device):
         stats = kernels.pcb_merge(
             out.data_ptr(),
@@ -156,15 +130,15 @@ def _pcb_merge(base, tensors, density, clip_ratio, lam, lambdas, out_dtype):
             in_tags,
             base_c.data_ptr(),
             tag(base_c, "base"),
-            numel,
-            i_lo,
-            i_hi,
-            k_q,
-            fp32(lam),
-            _lambdas_f32(lambdas),
+            base_c.numel(),
+            a.i_lo,
+            a.i_hi,
+            a.k_q,
+            a.lam,
+            a.lambdas or [],
             stream(device),
         )
-    return _finish(out, out_dtype), stats
+    return a.finish(out), stats
 
 
 def pcb_merge(

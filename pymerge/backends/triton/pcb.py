@@ -15,20 +15,11 @@ from typing import Sequence
 import torch
 
 from pymerge.backends.triton._lib import check_device, flat, fp32, fp32_tensor, kernels
-from pymerge.ops.reference._common import check_inputs, resolve_out_dtype
-from pymerge.ops.reference.pcb import (
-    DEN_MIN,
-    _as_f32_vector,
-    _check_ratio,
-    _resolve_lambdas,
-    pcb_clip_indices,
-    pcb_score_index,
-)
+from pymerge.backends._args import pcb_args
+from pymerge.ops.reference._common import check_inputs
+from pymerge.ops.reference.pcb import DEN_MIN, _as_f32_vector
 
 __all__ = ["pcb_scores", "pcb_merge_with_stats", "pcb_merge"]
-
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
 
 def _prepare(base, tensors, what: str):
     """Reference checks plus the device check; returns (flat base, flat inputs, device)."""
@@ -38,16 +29,6 @@ def _prepare(base, tensors, what: str):
     check_inputs(tensors, base)
     device = check_device(tensors + [base])
     return flat(base), [flat(t) for t in tensors], device
-
-
-def _out_buffer(shape, out_dtype: torch.dtype, device) -> torch.Tensor:
-    # Dtypes the kernels do not store (float64, ...) get the fp32 result cast once,
-    # as the reference's final .to(out_dtype).
-    return torch.empty(shape, dtype=out_dtype if out_dtype in _KERNEL_DTYPES else torch.float32, device=device)
-
-
-def _finish(out: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    return out if out.dtype == out_dtype else out.to(out_dtype)
 
 
 def _lambdas(lambdas, device) -> torch.Tensor | None:
@@ -88,13 +69,12 @@ def pcb_merge_with_stats(
     k = kernels()
     b, xs, device = _prepare(base, tensors, "pcb_merge_with_stats")
     n = len(xs)
-    lambdas = _resolve_lambdas(lam, lambdas, n)
-    out_dtype = resolve_out_dtype([base], out_dtype)
+    a = pcb_args(base, n, lam=lam, lambdas=lambdas, out_dtype=out_dtype)
     stats = [_as_f32_vector(v, n, name, device).contiguous() for v, name in ((lo, "lo"), (hi, "hi"), (q, "q"), (M, "M"))]
-    out = _out_buffer(base.shape, out_dtype, device)
+    out = torch.empty(base.shape, dtype=a.kernel_dtype, device=device)
     if out.numel():
-        k.pcb.merge_with_stats(out.view(-1), b, xs, *stats, fp32(lam), _lambdas(lambdas, device), fp32(DEN_MIN))
-    return _finish(out, out_dtype)
+        k.pcb.merge_with_stats(out.view(-1), b, xs, *stats, a.lam, _lambdas(a.lambdas, device), fp32(DEN_MIN))
+    return a.finish(out)
 
 
 def _pcb_merge(base, tensors, density, clip_ratio, lam, lambdas, out_dtype):
@@ -102,18 +82,14 @@ def _pcb_merge(base, tensors, density, clip_ratio, lam, lambdas, out_dtype):
     statistics are for tests."""
     k = kernels()
     b, xs, device = _prepare(base, tensors, "pcb_merge")
-    n = len(xs)
-    _check_ratio(density, "density")
-    lambdas = _resolve_lambdas(lam, lambdas, n)
-    out_dtype = resolve_out_dtype([base], out_dtype)
-    numel = b.numel()
-    i_lo, i_hi = pcb_clip_indices(numel, clip_ratio)
-    k_q = pcb_score_index(numel, density)
-    out = _out_buffer(base.shape, out_dtype, device)
+    a = pcb_args(base, len(xs), lam=lam, lambdas=lambdas, out_dtype=out_dtype, density=density,
+                 clip_ratio=clip_ratio)
+    out = torch.empty(base.shape, dtype=a.kernel_dtype, device=device)
     stats = None
-    if numel:
-        stats = k.pcb.merge_tensor(out.view(-1), b, xs, i_lo, i_hi, k_q, fp32(lam), _lambdas(lambdas, device), fp32(DEN_MIN))
-    return _finish(out, out_dtype), stats
+    if b.numel():
+        stats = k.pcb.merge_tensor(out.view(-1), b, xs, a.i_lo, a.i_hi, a.k_q, a.lam, _lambdas(a.lambdas, device),
+                                   fp32(DEN_MIN))
+    return a.finish(out), stats
 
 
 def pcb_merge(
