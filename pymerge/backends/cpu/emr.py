@@ -13,7 +13,7 @@ import torch
 
 from pymerge.hostmem import empty
 from pymerge.backends.cpu._lib import DTYPE_TAGS, check_cpu, fp32, lib, tag
-from pymerge.ops.reference.emr import ZERO_SIGNS, EmrElect, n_words
+from pymerge.ops.reference.emr import ZERO_SIGNS, EmrElect, check_pack_bits, check_unpack_bits, n_words
 
 __all__ = ["emr_elect", "emr_reconstruct", "pack_bits", "unpack_bits"]
 
@@ -118,12 +118,7 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """Pack a bool mask [..., n] into int32 words [..., ceil(n/32)] (the reference's layout)."""
     kernels = lib()
     check_cpu(mask, "mask")
-    if mask.dtype != torch.bool:
-        raise ValueError(f"pack_bits: mask dtype {mask.dtype} is not bool")
-    if mask.dim() == 0:
-        raise ValueError("pack_bits: mask must have at least one axis")
-    n = mask.shape[-1]
-    lead = mask.shape[:-1]
+    n, lead = check_pack_bits(mask)
     words = empty((*lead, n_words(n)), dtype=torch.int32)
     if words.numel() == 0:
         return words
@@ -136,15 +131,7 @@ def unpack_bits(words: torch.Tensor, n: int) -> torch.Tensor:
     """Inverse of `pack_bits`: int32 words [..., ceil(n/32)] -> bool [..., n]."""
     kernels = lib()
     check_cpu(words, "words")
-    if words.dtype != torch.int32:
-        raise ValueError(f"unpack_bits: words dtype {words.dtype} is not int32")
-    n = int(n)
-    if n < 0:
-        raise ValueError(f"unpack_bits: n = {n} < 0")
-    if words.dim() == 0 or words.shape[-1] != n_words(n):
-        raise ValueError(f"unpack_bits: need {n_words(n)} words on the last axis for n = {n}, "
-                         f"got shape {tuple(words.shape)}")
-    lead = words.shape[:-1]
+    n, lead = check_unpack_bits(words, n)
     out = empty((*lead, n), dtype=torch.bool)
     if out.numel() == 0:
         return out

@@ -24,6 +24,28 @@ def n_words(n: int) -> int:
     return (n + 31) // 32
 
 
+def check_pack_bits(mask: torch.Tensor) -> tuple[int, torch.Size]:
+    """pack_bits' checks (every backend raises the same errors): (n, leading shape)."""
+    if mask.dtype != torch.bool:
+        raise ValueError(f"pack_bits: mask dtype {mask.dtype} is not bool")
+    if mask.dim() == 0:
+        raise ValueError("pack_bits: mask must have at least one axis")
+    return mask.shape[-1], mask.shape[:-1]
+
+
+def check_unpack_bits(words: torch.Tensor, n: int) -> tuple[int, torch.Size]:
+    """unpack_bits' checks (every backend raises the same errors): (n as an int, leading shape)."""
+    if words.dtype != torch.int32:
+        raise ValueError(f"unpack_bits: words dtype {words.dtype} is not int32")
+    n = int(n)
+    if n < 0:
+        raise ValueError(f"unpack_bits: n = {n} < 0")
+    if words.dim() == 0 or words.shape[-1] != n_words(n):
+        raise ValueError(f"unpack_bits: need {n_words(n)} words on the last axis for n = {n}, "
+                         f"got shape {tuple(words.shape)}")
+    return n, words.shape[:-1]
+
+
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """Pack a bool mask [..., n] into int32 words [..., ceil(n/32)].
 
@@ -31,12 +53,7 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     last word is zero-padded. Words hold the uint32 bit pattern in int32
     storage (bit 31 set reads as a negative int32).
     """
-    if mask.dtype != torch.bool:
-        raise ValueError(f"pack_bits: mask dtype {mask.dtype} is not bool")
-    if mask.dim() == 0:
-        raise ValueError("pack_bits: mask must have at least one axis")
-    n = mask.shape[-1]
-    lead = mask.shape[:-1]
+    n, lead = check_pack_bits(mask)
     w = n_words(n)
     dev = mask.device
     padded = torch.zeros(*lead, w * 32, dtype=torch.int64, device=dev)
@@ -50,14 +67,7 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
 
 def unpack_bits(words: torch.Tensor, n: int) -> torch.Tensor:
     """Inverse of `pack_bits`: int32 words [..., ceil(n/32)] -> bool [..., n]."""
-    if words.dtype != torch.int32:
-        raise ValueError(f"unpack_bits: words dtype {words.dtype} is not int32")
-    if n < 0:
-        raise ValueError(f"unpack_bits: n = {n} < 0")
-    if words.dim() == 0 or words.shape[-1] != n_words(n):
-        raise ValueError(f"unpack_bits: need {n_words(n)} words on the last axis for n = {n}, "
-                         f"got shape {tuple(words.shape)}")
-    lead = words.shape[:-1]
+    n, lead = check_unpack_bits(words, n)
     w64 = words.to(torch.int64) & 0xFFFFFFFF
     bits = torch.bitwise_right_shift(w64[..., None], torch.arange(32, device=words.device)) & 1
     return bits.reshape(*lead, n_words(n) * 32)[..., :n].to(torch.bool)
