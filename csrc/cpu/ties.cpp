@@ -87,6 +87,19 @@ struct ModelCombine {
 };
 
 // sum_p sign(S_p) per chunk.
+// acc += tau_i where |tau_i| >= t, else +0, with tau_i = f32(theta_i) - b: ThresholdRows::make
+// and one step of model_scope_sum in a single pass.
+template <int T>
+inline void add_threshold_row(float* __restrict acc, const float* __restrict b, const void* src, int64_t off,
+                              int64_t n, float t) {
+  const auto* __restrict p = static_cast<const typename Dtype<T>::storage*>(src) + off;
+  for (int64_t j = 0; j < n; ++j) {
+    const float tau = Dtype<T>::load(p[j]) - b[j];
+    const float a = f32_from_bits(f32_to_bits(tau) & 0x7FFFFFFFu);
+    acc[j] = acc[j] + masked(tau, mask_of(a >= t));
+  }
+}
+
 struct SignSumPass {
   const Inputs* in;
   const ThresholdRows* rows;
@@ -95,19 +108,21 @@ struct SignSumPass {
 
   void chunk(int64_t c) const {
     const int64_t nm = in->n;
-    std::vector<float> rowbuf(static_cast<size_t>(nm * kBlock));
     Scratch s;
-    ThresholdRows::State st;
     int64_t total = 0;
     const int64_t begin = chunk_begin(in->numel, chunks, c), end = chunk_begin(in->numel, chunks, c + 1);
+    float* __restrict acc = s.acc;
     for (int64_t off = begin; off < end; off += kBlock) {
       const int64_t n = std::min(kBlock, end - off);
       load_any(in->base_dtype, s.b, in->base, off, n);
+      // acc = ((0 + row_0) + row_1) + ..., each row added as it is made: the
+      // order of model_scope_sum without a buffer per model.
+      for (int64_t j = 0; j < n; ++j) acc[j] = 0.0f;
       for (int64_t i = 0; i < nm; ++i) {
-        tau_any(in->dtypes[i], s.tau, s.b, in->models[i], off, n);
-        rows->make(st, i, off, n, s, rowbuf.data() + i * kBlock);
+        dispatch_dtype(in->dtypes[i], [&](auto t) {
+          add_threshold_row<decltype(t)::value>(acc, s.b, in->models[i], off, n, rows->t[i]);
+        });
       }
-      model_scope_sum(rowbuf.data(), nm, s, n);
       int32_t part = 0;  // |part| <= kBlock
       for (int64_t j = 0; j < n; ++j) part += int32_t(s.acc[j] > 0.0f) - int32_t(s.acc[j] < 0.0f);
       total += part;
