@@ -92,4 +92,53 @@ void parallel_for(int64_t n, int64_t grain, const Fn& fn) {
     if (e) std::rethrow_exception(e);
 }
 
+// For elementwise work only (the result of an item never depends on which call
+// covers it): fn(begin, end) over pieces of `grain` items that up to
+// get_num_threads() threads take in turn until none is left. A thread that is
+// slowed down (a busy core, a descheduled vCPU) then holds up one piece, not a
+// fixed share of the work. Exceptions: the first one thrown is rethrown after
+// every thread has stopped; pieces not yet taken are skipped.
+template <class Fn>
+void parallel_for_dynamic(int64_t n, int64_t grain, const Fn& fn) {
+  if (n <= 0) return;
+  grain = std::max<int64_t>(grain, 1);
+  const int64_t pieces = (n + grain - 1) / grain;
+  const int64_t k = std::min<int64_t>(get_num_threads(), pieces);
+  if (k <= 1) {
+    fn(int64_t(0), n);
+    return;
+  }
+  std::fenv_t env;
+  std::fegetenv(&env);
+  std::atomic<int64_t> next{0};
+  std::atomic<bool> failed{false};
+  std::exception_ptr error;
+  std::atomic_flag error_set = ATOMIC_FLAG_INIT;
+  auto work = [&] {
+    for (int64_t p; !failed.load(std::memory_order_relaxed) && (p = next.fetch_add(1)) < pieces;) {
+      try {
+        fn(p * grain, std::min(n, (p + 1) * grain));
+      } catch (...) {
+        if (!error_set.test_and_set()) error = std::current_exception();
+        failed.store(true);
+      }
+    }
+  };
+  std::vector<std::thread> workers;
+  workers.reserve(static_cast<size_t>(k - 1));
+  for (int64_t t = 1; t < k; ++t) {
+    try {
+      workers.emplace_back([&] {
+        std::fesetenv(&env);
+        work();
+      });
+    } catch (...) {
+      break;  // cannot start more threads: the others take the pieces
+    }
+  }
+  work();
+  for (auto& w : workers) w.join();
+  if (error) std::rethrow_exception(error);
+}
+
 }  // namespace pymerge

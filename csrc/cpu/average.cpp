@@ -10,9 +10,10 @@
 //
 // The data is walked in blocks of kBlock elements: the accumulator and the
 // upcast base live in L1-sized stack buffers, each input is read once, and the
-// per-dtype loops are plain enough for gcc to vectorise. Threads take
-// contiguous runs of blocks. On x86-64 an AVX2+F16C clone of the block loop
-// is picked at run time (see range_fn); results are the same bits either way.
+// per-dtype loops are plain enough for gcc to vectorise. Threads take pieces
+// of kGrainBlocks blocks in turn (parallel_for_dynamic). On x86-64 an AVX2+F16C
+// clone of the block loop is picked at run time (see range_fn); results are the
+// same bits either way.
 
 #include <algorithm>
 #include <atomic>
@@ -41,7 +42,7 @@ namespace {
 
 // 2048 fp32 = 8 KiB per buffer: acc + base stay in L1 next to the streamed inputs.
 constexpr int64_t kBlock = 2048;
-// At least 32 blocks (64K elements) per thread, so starting a thread is worth it.
+// Pieces of 32 blocks (64K elements): enough work per piece to hide taking it.
 constexpr int64_t kGrainBlocks = 32;
 
 template <int T>
@@ -274,7 +275,7 @@ void weighted_sum(void* out, int out_dtype, const void* const* inputs, const int
   const bool stream = stream_output(numel, int64_t(dtype_size(out_dtype)));
   const Args a{out, out_dtype, inputs, in_dtypes, n_models, base, base_dtype, numel, weights, c, stream};
   const int64_t n_blocks = (numel + kBlock - 1) / kBlock;
-  parallel_for(n_blocks, kGrainBlocks, [&](int64_t b0, int64_t b1) {
+  parallel_for_dynamic(n_blocks, kGrainBlocks, [&](int64_t b0, int64_t b1) {
     fn(a, b0 * kBlock, std::min(b1 * kBlock, numel));
   });
 }

@@ -55,7 +55,7 @@ namespace {
 
 // Multiple of 32, so blocks (and therefore thread ranges) never share a mask word.
 constexpr int64_t kBlock = 1024;
-constexpr int64_t kGrainBlocks = 64;  // >= 64K elements per thread
+constexpr int64_t kGrainBlocks = 64;  // >= 64K elements per thread (per piece in reconstruct)
 constexpr int kLanes = 8;
 static_assert(kBlock % 32 == 0 && 32 % kLanes == 0, "block layout");
 
@@ -321,7 +321,7 @@ void reconstruct(const ReconArgs& args) {
     a.stream = stream_output(a.numel, int64_t(dtype_size(a.out_dtype)));
   }
 #endif
-  parallel_for(n_blocks, kGrainBlocks, [&](int64_t b0, int64_t b1) { fn(a, b0, b1); });
+  parallel_for_dynamic(n_blocks, kGrainBlocks, [&](int64_t b0, int64_t b1) { fn(a, b0, b1); });
 }
 
 // rows x n bytes (0/1) -> rows x ceil(n/32) words, last word zero-padded.
