@@ -59,7 +59,42 @@ struct ModelCombine {
   float lam;
   bool dis_mean;
 
+  // The same operations, element by element, in one loop over the block for NM models.
+  template <int NM, bool kMean>
+  void fused(const float* rows, const float* __restrict b, float* __restrict out, int64_t n) const {
+    const float* __restrict r[NM];
+    for (int i = 0; i < NM; ++i) r[i] = rows + i * kBlock;
+    const uint32_t fb_pos = mask_of(fallback > 0);
+    for (int64_t j = 0; j < n; ++j) {
+      float sum = 0.0f;
+      for (int i = 0; i < NM; ++i) sum = sum + r[i][j];
+      const uint32_t pos = mask_of(sum > 0.0f) | (mask_of(sum == 0.0f) & fb_pos);
+      float acc = 0.0f;
+      int32_t cnt = 0;
+      for (int i = 0; i < NM; ++i) {
+        const float th = r[i][j];
+        const uint32_t agree = (pos & mask_of(th > 0.0f)) | (~pos & mask_of(th < 0.0f));
+        acc = acc + masked(th, agree);
+        cnt += int32_t(agree & 1u);
+      }
+      if (kMean) acc = acc / float(cnt + int32_t(cnt == 0));
+      out[j] = b[j] + acc * lam;
+    }
+  }
+
+  template <int NM>
+  void fused_nm(const float* rows, const float* b, float* out, int64_t n) const {
+    dis_mean ? fused<NM, true>(rows, b, out, n) : fused<NM, false>(rows, b, out, n);
+  }
+
   void operator()(float* rows, int64_t nm, Scratch& s, float* __restrict out, int64_t n) const {
+    switch (nm) {
+      case 1: return fused_nm<1>(rows, s.b, out, n);
+      case 2: return fused_nm<2>(rows, s.b, out, n);
+      case 3: return fused_nm<3>(rows, s.b, out, n);
+      case 4: return fused_nm<4>(rows, s.b, out, n);
+      default: break;
+    }
     model_scope_sum(rows, nm, s, n);
     float* __restrict acc = s.acc;
     uint32_t* __restrict pos = s.pos;
