@@ -18,7 +18,7 @@ from pymerge.ops.reference.breadcrumbs import breadcrumbs_counts, check_breadcru
 from pymerge.ops.reference.dare import check_dare_args
 from pymerge.ops.reference.pcb import _check_ratio, _resolve_lambdas, pcb_clip_indices, pcb_score_index
 from pymerge.ops.reference.philox import _check_seed
-from pymerge.ops.reference.ties import CONSENSUS, TRIM_TIES, _check_choice, trim_count
+from pymerge.ops.reference.ties import CONSENSUS, MODEL_MERGE, TRIM_TIES, _check_choice, trim_count
 
 
 def fp32(x: float) -> float:
@@ -172,3 +172,36 @@ def pcb_args(base, n: int, *, lam, lambdas, out_dtype, density=None, clip_ratio=
         k_q = pcb_score_index(base.numel(), density)
     return PcbArgs(out_dtype, out_dtype if out_dtype in _KERNEL_DTYPES else torch.float32, fp32(lam),
                    None if lambdas is None else [fp32(x) for x in lambdas], i_lo, i_hi, k_q)
+
+
+def model_scope_args(base, tensors, thresholds) -> tuple[list[torch.Tensor], list[float]]:
+    """The checked inputs and fp32 thresholds of model-scope TIES (ties_sign_sum, ties_merge_model)."""
+    if base is None:
+        raise ValueError("model-scope TIES needs a base tensor")
+    tensors = list(tensors)
+    check_inputs(tensors, base)
+    th = per_model(thresholds, len(tensors), "thresholds")
+    for t in th:
+        if not t >= 0.0:
+            raise ValueError(f"thresholds must be >= 0, got {t}")
+    return tensors, [fp32(t) for t in th]
+
+
+class TiesModelArgs(NamedTuple):
+    tensors: list[torch.Tensor]
+    thresholds: list[float]  # fp32
+    fallback: int  # -1, 0 or +1
+    lam: float  # fp32
+    dis_mean: bool
+    out_dtype: torch.dtype
+
+
+def ties_model_args(base, tensors, thresholds, fallback_sign, *, lam, merge, out_dtype) -> TiesModelArgs:
+    """The checked arguments of ties_merge_model (reference.ties.ties_merge_model)."""
+    merge = _check_choice(merge, MODEL_MERGE, "merge")
+    if isinstance(fallback_sign, bool) or not isinstance(fallback_sign, int):
+        raise ValueError(f"fallback_sign must be an int, got {type(fallback_sign).__name__}")
+    tensors, th32 = model_scope_args(base, tensors, thresholds)
+    out_dtype = _check_out_dtype(resolve_out_dtype(tensors, out_dtype))
+    return TiesModelArgs(tensors, th32, (fallback_sign > 0) - (fallback_sign < 0),
+                         fp32(_check_finite_scalar(lam, "lam")), merge == "dis-mean", out_dtype)

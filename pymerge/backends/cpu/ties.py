@@ -10,13 +10,10 @@ from typing import Sequence
 
 import torch
 
-from pymerge.backends._args import ties_args
+from pymerge.backends._args import model_scope_args, ties_args, ties_model_args
 from pymerge.hostmem import empty
-from pymerge.backends.cpu._lib import DTYPE_TAGS, fp32, lib
+from pymerge.backends.cpu._lib import DTYPE_TAGS, lib
 from pymerge.backends.cpu._sparse import buffers
-from pymerge.ops.reference._common import check_inputs, per_model, resolve_out_dtype
-from pymerge.ops.reference.average import _check_finite_scalar, _check_out_dtype
-from pymerge.ops.reference.ties import MODEL_MERGE, _check_choice
 
 __all__ = ["ties_merge", "ties_sign_sum", "ties_merge_model"]
 
@@ -61,28 +58,12 @@ def ties_merge(
     return out
 
 
-def _thresholds32(thresholds, n: int) -> list[float]:
-    th = per_model(thresholds, n, "thresholds")
-    for t in th:
-        if not t >= 0.0:
-            raise ValueError(f"thresholds must be >= 0, got {t}")
-    return [fp32(t) for t in th]
-
-
-def _model_scope_buffers(base, tensors, thresholds):
-    if base is None:
-        raise ValueError("model-scope TIES needs a base tensor")
-    tensors = list(tensors)
-    check_inputs(tensors, base)
-    th32 = _thresholds32(thresholds, len(tensors))
-    return tensors, th32, buffers(base, tensors)
-
-
 def ties_sign_sum(base: torch.Tensor, tensors: Sequence[torch.Tensor], thresholds) -> int:
     """sum_p sign(S_p) over this tensor, S = sequential fp32 sum of the thresholded task
     vectors (|tau_i| >= fp32(t_i) kept); see reference.ties.ties_sign_sum."""
     kernels = lib()
-    _, th32, bufs = _model_scope_buffers(base, tensors, thresholds)
+    tensors, th32 = model_scope_args(base, tensors, thresholds)
+    bufs = buffers(base, tensors)
     if bufs.numel == 0:
         return 0
     return int(kernels.ties_sign_sum(*bufs.args(), th32))
@@ -101,15 +82,11 @@ def ties_merge_model(
     """The merge pass of model-scope TIES given the thresholds and the model-wide
     fallback sign; see reference.ties.ties_merge_model."""
     kernels = lib()
-    merge = _check_choice(merge, MODEL_MERGE, "merge")
-    if isinstance(fallback_sign, bool) or not isinstance(fallback_sign, int):
-        raise ValueError(f"fallback_sign must be an int, got {type(fallback_sign).__name__}")
-    tensors, th32, bufs = _model_scope_buffers(base, tensors, thresholds)
-    out_dtype = _check_out_dtype(resolve_out_dtype(tensors, out_dtype))
-    lam32 = fp32(_check_finite_scalar(lam, "lam"))
-    out = empty(tensors[0].shape, dtype=out_dtype)
+    a = ties_model_args(base, tensors, thresholds, fallback_sign, lam=lam, merge=merge, out_dtype=out_dtype)
+    bufs = buffers(base, a.tensors)
+    out = empty(a.tensors[0].shape, dtype=a.out_dtype)
     if bufs.numel == 0:
         return out
-    fb = (fallback_sign > 0) - (fallback_sign < 0)
-    kernels.ties_merge_model(out.data_ptr(), DTYPE_TAGS[out_dtype], *bufs.args(), th32, fb, lam32, merge == "dis-mean")
+    kernels.ties_merge_model(out.data_ptr(), DTYPE_TAGS[a.out_dtype], *bufs.args(), a.thresholds, a.fallback, a.lam,
+                             a.dis_mean)
     return out

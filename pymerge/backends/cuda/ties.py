@@ -11,21 +11,17 @@ from typing import Sequence
 
 import torch
 
-from pymerge.backends._args import ties_args
+from pymerge.backends._args import model_scope_args, ties_args, ties_model_args
 from pymerge.backends.cuda._lib import (
     DTYPE_TAGS,
     check_models,
     contiguous,
-    fp32,
     lib,
     on_device,
     same_device,
     stream,
     tag,
 )
-from pymerge.ops.reference._common import check_inputs, per_model, resolve_out_dtype
-from pymerge.ops.reference.average import _check_finite_scalar, _check_out_dtype
-from pymerge.ops.reference.ties import MODEL_MERGE, _check_choice
 
 __all__ = ["ties_merge", "ties_sign_sum", "ties_merge_model"]
 
@@ -97,29 +93,13 @@ def ties_merge(
     return out
 
 
-def _thresholds32(thresholds, n: int) -> list[float]:
-    th = per_model(thresholds, n, "thresholds")
-    for t in th:
-        if not t >= 0.0:
-            raise ValueError(f"thresholds must be >= 0, got {t}")
-    return [fp32(t) for t in th]
-
-
-def _model_scope_buffers(base, tensors, thresholds):
-    if base is None:
-        raise ValueError("model-scope TIES needs a base tensor")
-    tensors = list(tensors)
-    check_inputs(tensors, base)
-    th32 = _thresholds32(thresholds, len(tensors))
-    return tensors, th32, _Buffers(base, tensors)
-
-
 def ties_sign_sum(base: torch.Tensor, tensors: Sequence[torch.Tensor], thresholds) -> int:
     """sum_p sign(S_p) over this tensor, S = sequential fp32 sum of the thresholded task
     vectors (|tau_i| >= fp32(t_i) kept); see reference.ties.ties_sign_sum. Waits for the
     current stream (the count comes back to the host)."""
     kernels = lib()
-    _, th32, bufs = _model_scope_buffers(base, tensors, thresholds)
+    tensors, th32 = model_scope_args(base, tensors, thresholds)
+    bufs = _Buffers(base, tensors)
     if bufs.numel == 0:
         return 0
     with on_device(bufs.device):
@@ -139,25 +119,20 @@ def ties_merge_model(
     """The merge pass of model-scope TIES given the thresholds and the model-wide
     fallback sign; see reference.ties.ties_merge_model."""
     kernels = lib()
-    merge = _check_choice(merge, MODEL_MERGE, "merge")
-    if isinstance(fallback_sign, bool) or not isinstance(fallback_sign, int):
-        raise ValueError(f"fallback_sign must be an int, got {type(fallback_sign).__name__}")
-    tensors, th32, bufs = _model_scope_buffers(base, tensors, thresholds)
-    out_dtype = _check_out_dtype(resolve_out_dtype(tensors, out_dtype))
-    lam32 = fp32(_check_finite_scalar(lam, "lam"))
-    out = torch.empty(tensors[0].shape, dtype=out_dtype, device=bufs.device)
+    a = ties_model_args(base, tensors, thresholds, fallback_sign, lam=lam, merge=merge, out_dtype=out_dtype)
+    bufs = _Buffers(base, a.tensors)
+    out = torch.empty(a.tensors[0].shape, dtype=a.out_dtype, device=bufs.device)
     if bufs.numel == 0:
         return out
-    fb = (fallback_sign > 0) - (fallback_sign < 0)
     with on_device(bufs.device):
         kernels.ties_merge_model(
             out.data_ptr(),
-            DTYPE_TAGS[out_dtype],
+            DTYPE_TAGS[a.out_dtype],
             *bufs.args(),
-            th32,
-            fb,
-            lam32,
-            merge == "dis-mean",
+            a.thresholds,
+            a.fallback,
+            a.lam,
+            a.dis_mean,
             stream(bufs.device),
         )
     return out

@@ -10,11 +10,8 @@ from typing import Sequence
 
 import torch
 
-from pymerge.backends._args import ties_args
-from pymerge.backends.triton._lib import check_device, flat, fp32, fp32_tensor, kernels
-from pymerge.ops.reference._common import check_inputs, per_model, resolve_out_dtype
-from pymerge.ops.reference.average import _check_finite_scalar, _check_out_dtype
-from pymerge.ops.reference.ties import MODEL_MERGE, _check_choice
+from pymerge.backends._args import model_scope_args, ties_args, ties_model_args
+from pymerge.backends.triton._lib import check_device, flat, fp32_tensor, kernels
 
 __all__ = ["ties_merge", "ties_sign_sum", "ties_merge_model"]
 
@@ -63,27 +60,15 @@ def ties_merge(
     return out
 
 
-def _model_scope_inputs(base, tensors, thresholds):
-    if base is None:
-        raise ValueError("model-scope TIES needs a base tensor")
-    tensors = list(tensors)
-    check_inputs(tensors, base)
-    th = per_model(thresholds, len(tensors), "thresholds")
-    for t in th:
-        if not t >= 0.0:
-            raise ValueError(f"thresholds must be >= 0, got {t}")
-    device = check_device(tensors + [base])
-    return tensors, fp32_tensor(th, device), device
-
-
 def ties_sign_sum(base: torch.Tensor, tensors: Sequence[torch.Tensor], thresholds) -> int:
     """sum_p sign(S_p) over this tensor, S = sequential fp32 sum of the thresholded task
     vectors (|tau_i| >= fp32(t_i) kept); see reference.ties.ties_sign_sum."""
     k = kernels()
-    tensors, th, _ = _model_scope_inputs(base, tensors, thresholds)
+    tensors, th32 = model_scope_args(base, tensors, thresholds)
+    device = check_device(tensors + [base])
     if base.numel() == 0:
         return 0
-    return k.ties.sign_sum(flat(base), [flat(t) for t in tensors], th)
+    return k.ties.sign_sum(flat(base), [flat(t) for t in tensors], fp32_tensor(th32, device))
 
 
 def ties_merge_model(
@@ -99,15 +84,11 @@ def ties_merge_model(
     """The merge pass of model-scope TIES given the thresholds and the model-wide
     fallback sign; see reference.ties.ties_merge_model."""
     k = kernels()
-    merge = _check_choice(merge, MODEL_MERGE, "merge")
-    if isinstance(fallback_sign, bool) or not isinstance(fallback_sign, int):
-        raise ValueError(f"fallback_sign must be an int, got {type(fallback_sign).__name__}")
-    tensors, th, device = _model_scope_inputs(base, tensors, thresholds)
-    out_dtype = _check_out_dtype(resolve_out_dtype(tensors, out_dtype))
-    lam32 = fp32(_check_finite_scalar(lam, "lam"))
-    out = torch.empty(tensors[0].shape, dtype=out_dtype, device=device)
+    a = ties_model_args(base, tensors, thresholds, fallback_sign, lam=lam, merge=merge, out_dtype=out_dtype)
+    device = check_device(a.tensors + [base])
+    out = torch.empty(a.tensors[0].shape, dtype=a.out_dtype, device=device)
     if out.numel() == 0:
         return out
-    fb = (fallback_sign > 0) - (fallback_sign < 0)
-    k.ties.merge_model(out.view(-1), flat(base), [flat(t) for t in tensors], th, fb, lam32, merge == "dis-mean")
+    k.ties.merge_model(out.view(-1), flat(base), [flat(t) for t in a.tensors], fp32_tensor(a.thresholds, device),
+                       a.fallback, a.lam, a.dis_mean)
     return out
