@@ -13,7 +13,7 @@ import torch
 
 from pymerge.hostmem import empty
 from pymerge.backends.cpu._lib import DTYPE_TAGS, check_cpu, fp32, lib, tag
-from pymerge.ops.reference.emr import ZERO_SIGNS, EmrElect, check_pack_bits, check_unpack_bits, n_words
+from pymerge.ops.reference.emr import ZERO_SIGNS, EmrElect, check_pack_bits, check_reconstruct_shapes, check_unpack_bits, n_words
 
 __all__ = ["emr_elect", "emr_reconstruct", "pack_bits", "unpack_bits"]
 
@@ -93,12 +93,7 @@ def emr_reconstruct(
     check_cpu(mask_words, "mask_words")
     base_tag = tag(base, "emr_reconstruct: base")
     u_tag = tag(u, "emr_reconstruct: u")
-    if u.shape != base.shape:
-        raise ValueError(f"emr_reconstruct: u shape {tuple(u.shape)} != base shape {tuple(base.shape)}")
-    numel = base.numel()
-    if mask_words.dtype != torch.int32 or mask_words.dim() != 1 or mask_words.shape[0] != n_words(numel):
-        raise ValueError(f"emr_reconstruct: mask_words must be int32 [{n_words(numel)}], "
-                         f"got {mask_words.dtype} {tuple(mask_words.shape)}")
+    numel = check_reconstruct_shapes(base, u, mask_words)
     out_dtype = base.dtype if out_dtype is None else out_dtype
     out_tag = _out_tag(out_dtype)
     lam32 = fp32(lam)

@@ -46,6 +46,17 @@ def check_unpack_bits(words: torch.Tensor, n: int) -> tuple[int, torch.Size]:
     return n, words.shape[:-1]
 
 
+def check_reconstruct_shapes(base: torch.Tensor, u: torch.Tensor, mask_words: torch.Tensor) -> int:
+    """emr_reconstruct's shape checks (every backend raises the same errors): numel."""
+    if u.shape != base.shape:
+        raise ValueError(f"emr_reconstruct: u shape {tuple(u.shape)} != base shape {tuple(base.shape)}")
+    numel = base.numel()
+    if mask_words.dtype != torch.int32 or mask_words.dim() != 1 or mask_words.shape[0] != n_words(numel):
+        raise ValueError(f"emr_reconstruct: mask_words must be int32 [{n_words(numel)}], "
+                         f"got {mask_words.dtype} {tuple(mask_words.shape)}")
+    return numel
+
+
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """Pack a bool mask [..., n] into int32 words [..., ceil(n/32)].
 
@@ -204,12 +215,7 @@ def emr_reconstruct(
     """
     if base.dtype not in FLOAT_DTYPES or u.dtype not in FLOAT_DTYPES:
         raise ValueError(f"emr_reconstruct: dtypes {base.dtype}, {u.dtype} must be fp32, fp16 or bf16")
-    if u.shape != base.shape:
-        raise ValueError(f"emr_reconstruct: u shape {tuple(u.shape)} != base shape {tuple(base.shape)}")
-    numel = base.numel()
-    if mask_words.dtype != torch.int32 or mask_words.dim() != 1 or mask_words.shape[0] != n_words(numel):
-        raise ValueError(f"emr_reconstruct: mask_words must be int32 [{n_words(numel)}], "
-                         f"got {mask_words.dtype} {tuple(mask_words.shape)}")
+    numel = check_reconstruct_shapes(base, u, mask_words)
     out_dtype = base.dtype if out_dtype is None else out_dtype
     mask = unpack_bits(mask_words, numel)
     u32 = f32(u).reshape(-1)
