@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/bindings.h"
@@ -26,7 +27,12 @@ namespace sparse {
 
 namespace {
 
-// tau_hat_i = |tau_i| >= t_i ? tau_i : +0 (NaN never kept, as the float compare).
+// tau_hat = |tau| >= t ? tau : +0 (NaN never kept, as the float compare).
+inline float thresholded(float tau, float t) {
+  const float a = f32_from_bits(f32_to_bits(tau) & 0x7FFFFFFFu);
+  return masked(tau, mask_of(a >= t));
+}
+
 struct ThresholdRows {
   const float* t;
 
@@ -36,12 +42,29 @@ struct ThresholdRows {
   void make(State&, int64_t i, int64_t, int64_t n, Scratch& s, float* __restrict row) const {
     const float* __restrict tau = s.tau;
     const float ti = t[i];
-    for (int64_t j = 0; j < n; ++j) {
-      const float a = f32_from_bits(f32_to_bits(tau[j]) & 0x7FFFFFFFu);
-      row[j] = masked(tau[j], mask_of(a >= ti));
-    }
+    for (int64_t j = 0; j < n; ++j) row[j] = thresholded(tau[j], ti);
   }
 };
+
+// The elect and disjoint-merge steps for one element of NM models: merged
+// (before lambda) from the thresholded taus th. fb_pos: all ones when the
+// fallback sign is positive.
+template <int NM, bool kMean>
+inline float model_scope_merged(const float (&th)[NM], uint32_t fb_pos) {
+  float sum = 0.0f;
+  for (int i = 0; i < NM; ++i) sum = sum + th[i];
+  const uint32_t pos = mask_of(sum > 0.0f) | (mask_of(sum == 0.0f) & fb_pos);
+  float acc = 0.0f;
+  int32_t cnt = 0;
+  for (int i = 0; i < NM; ++i) {
+    const uint32_t agree = (pos & mask_of(th[i] > 0.0f)) | (~pos & mask_of(th[i] < 0.0f));
+    acc = acc + masked(th[i], agree);
+    cnt += int32_t(agree & 1u);
+  }
+  // cnt >= 0, so max(cnt, 1) is cnt + (cnt == 0): no branch, and the loop vectorises
+  if (kMean) acc = acc / float(cnt + int32_t(cnt == 0));
+  return acc;
+}
 
 // pos[j]: the elected sign is +1. g = sign(S) with S == 0 -> sign(fallback);
 // torch's sign(NaN) is 0, which (like g == 0) selects the negative entries.
@@ -66,19 +89,9 @@ struct ModelCombine {
     for (int i = 0; i < NM; ++i) r[i] = rows + i * kBlock;
     const uint32_t fb_pos = mask_of(fallback > 0);
     for (int64_t j = 0; j < n; ++j) {
-      float sum = 0.0f;
-      for (int i = 0; i < NM; ++i) sum = sum + r[i][j];
-      const uint32_t pos = mask_of(sum > 0.0f) | (mask_of(sum == 0.0f) & fb_pos);
-      float acc = 0.0f;
-      int32_t cnt = 0;
-      for (int i = 0; i < NM; ++i) {
-        const float th = r[i][j];
-        const uint32_t agree = (pos & mask_of(th > 0.0f)) | (~pos & mask_of(th < 0.0f));
-        acc = acc + masked(th, agree);
-        cnt += int32_t(agree & 1u);
-      }
-      if (kMean) acc = acc / float(cnt + int32_t(cnt == 0));
-      out[j] = b[j] + acc * lam;
+      float th[NM];
+      for (int i = 0; i < NM; ++i) th[i] = r[i][j];
+      out[j] = b[j] + model_scope_merged<NM, kMean>(th, fb_pos) * lam;
     }
   }
 
@@ -114,7 +127,7 @@ struct ModelCombine {
         cnt[j] += int32_t(agree & 1u);
       }
     }
-    if (dis_mean)  // cnt >= 0, so max(cnt, 1) is cnt + (cnt == 0): no branch, and the loop vectorises
+    if (dis_mean)  // max(cnt, 1) as in model_scope_merged
       for (int64_t j = 0; j < n; ++j) acc[j] = acc[j] / float(cnt[j] + int32_t(cnt[j] == 0));
     const float* __restrict b = s.b;
     for (int64_t j = 0; j < n; ++j) out[j] = b[j] + acc[j] * lam;
@@ -128,11 +141,7 @@ template <int T>
 inline void add_threshold_row(float* __restrict acc, const float* __restrict b, const void* src, int64_t off,
                               int64_t n, float t) {
   const auto* __restrict p = static_cast<const typename Dtype<T>::storage*>(src) + off;
-  for (int64_t j = 0; j < n; ++j) {
-    const float tau = Dtype<T>::load(p[j]) - b[j];
-    const float a = f32_from_bits(f32_to_bits(tau) & 0x7FFFFFFFu);
-    acc[j] = acc[j] + masked(tau, mask_of(a >= t));
-  }
+  for (int64_t j = 0; j < n; ++j) acc[j] = acc[j] + thresholded(Dtype<T>::load(p[j]) - b[j], t);
 }
 
 struct SignSumPass {
@@ -166,6 +175,78 @@ struct SignSumPass {
   }
 };
 
+// ties_merge_model when base, models and output share one dtype T and there are
+// at most 4 models (the usual case): load, threshold, elect, merge and round in
+// one loop per element, with no per-model rows in between. The same operations
+// in the same order as MergePass with ThresholdRows and ModelCombine.
+template <int T, int NM, bool kMean>
+struct ModelScopeFusedPass {
+  using S = typename Dtype<T>::storage;
+  const Inputs* in;
+  void* out;
+  const float* t;
+  uint32_t fb_pos;
+  float lam;
+  int64_t chunks;
+  bool stream;
+
+  void chunk(int64_t c) const {
+    const S* __restrict base = static_cast<const S*>(in->base);
+    const S* __restrict m[NM];
+    float ti[NM];
+    for (int i = 0; i < NM; ++i) {
+      m[i] = static_cast<const S*>(in->models[i]);
+      ti[i] = t[i];
+    }
+    S* const o = static_cast<S*>(out);
+    alignas(64) S staged[kBlock];  // the rounded block, when streamed
+    const int64_t begin = chunk_begin(in->numel, chunks, c), end = chunk_begin(in->numel, chunks, c + 1);
+    for (int64_t off = begin; off < end; off += kBlock) {
+      const int64_t n = std::min(kBlock, end - off);
+      S* __restrict dst = stream ? staged : o + off;
+      for (int64_t j = 0; j < n; ++j) {
+        const float b = Dtype<T>::load(base[off + j]);
+        float th[NM];
+        for (int i = 0; i < NM; ++i) th[i] = thresholded(Dtype<T>::load(m[i][off + j]) - b, ti[i]);
+        dst[j] = Dtype<T>::store(b + model_scope_merged<NM, kMean>(th, fb_pos) * lam);
+      }
+#ifdef PYMERGE_STREAM_STORES
+      if (stream) stream_copy(o + off, staged, n * int64_t(sizeof(S)));
+#endif
+    }
+#ifdef PYMERGE_STREAM_STORES
+    if (stream) stream_fence();
+#endif
+  }
+};
+
+// Runs ModelScopeFusedPass where it applies; false otherwise.
+bool ties_merge_model_fused(const Inputs& in, void* out, int out_dtype, const float* t, int fallback, float lam,
+                            bool dis_mean, int64_t chunks) {
+  if (in.n > 4 || in.base_dtype != out_dtype) return false;
+  for (int64_t i = 0; i < in.n; ++i)
+    if (in.dtypes[i] != out_dtype) return false;
+  const uint32_t fb_pos = mask_of(fallback > 0);
+  const bool stream = use_avx2() && stream_output(in.numel, int64_t(dtype_size(out_dtype)));
+  auto run = [&](auto tag, auto nm, auto mean) {
+    run_chunks(ModelScopeFusedPass<decltype(tag)::value, decltype(nm)::value, decltype(mean)::value>{
+                   &in, out, t, fb_pos, lam, chunks, stream},
+               chunks);
+  };
+  auto with_nm = [&](auto tag, auto mean) {
+    switch (in.n) {
+      case 1: return run(tag, std::integral_constant<int, 1>{}, mean);
+      case 2: return run(tag, std::integral_constant<int, 2>{}, mean);
+      case 3: return run(tag, std::integral_constant<int, 3>{}, mean);
+      default: return run(tag, std::integral_constant<int, 4>{}, mean);
+    }
+  };
+  dispatch_dtype(out_dtype, [&](auto tag) {
+    dis_mean ? with_nm(tag, std::true_type{}) : with_nm(tag, std::false_type{});
+  });
+  return true;
+}
+
 }  // namespace
 
 void ties_merge(const Inputs& in, void* out, int out_dtype, const std::vector<int64_t>& ks,
@@ -195,6 +276,7 @@ void ties_merge_model(const Inputs& in, void* out, int out_dtype, const std::vec
                       int fallback, float lam, bool dis_mean) {
   if (in.numel <= 0) return;
   const int64_t chunks = chunk_count(in.numel);
+  if (ties_merge_model_fused(in, out, out_dtype, thresholds.data(), fallback, lam, dis_mean, chunks)) return;
   const ThresholdRows rows{thresholds.data()};
   const ModelCombine combine{fallback, lam, dis_mean};
   merge(in, out, out_dtype, rows, combine, chunks);

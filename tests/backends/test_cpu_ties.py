@@ -11,7 +11,7 @@ from pymerge.backends import cpu
 from pymerge.testing import assert_bits_equal
 from pymerge.ops import reference
 
-from .cases import CPU, WORKED_MERGED, each_isa, models, ties_error_cases, worked_example
+from .cases import CPU, WORKED_MERGED, each_isa, models, thresholds_for, ties_error_cases, worked_example
 
 pytestmark = CPU.marks
 
@@ -140,6 +140,34 @@ def test_model_scope_threads_and_worked_example():
     got = cpu.ties_merge_model(zero, tau, th, fb)
     torch.testing.assert_close(got, torch.tensor(WORKED_MERGED))
     assert_bits_equal(got, reference.ties_merge_model(zero, tau, th, fb))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("merge", ["dis-mean", "dis-sum"])
+def test_model_scope_one_dtype(dtype, merge):
+    # Base, models and output of one dtype and up to 4 models take a fused per-element
+    # loop; 5 models, or another output dtype, the general pass. Both with plain and
+    # streamed stores, every clone and 1 or 2 threads.
+    from pymerge import _C
+
+    gen = torch.Generator().manual_seed(len(merge) + dtype.itemsize)
+    for size in (1, 7, 1000, ODD):
+        base, ts = models(size, [dtype] * 5, gen, tiny=size > 7)
+        th = thresholds_for(base, ts, 0.4)
+        for n in (1, 2, 3, 4, 5):
+            for fallback, out_dtype in ((1, None), (-1, None), (0, torch.float32)):
+                kw = dict(lam=0.7, merge=merge, out_dtype=out_dtype)
+                ref = reference.ties_merge_model(base, ts[:n], th[:n], fallback, **kw)
+                before = _C._set_stream_min_bytes(0)
+                try:
+                    for stream_min_bytes in (before, 0):
+                        _C._set_stream_min_bytes(stream_min_bytes)
+                        for threads in (1, 2):
+                            cpu.set_num_threads(threads)
+                            for got in each_isa(lambda: cpu.ties_merge_model(base, ts[:n], th[:n], fallback, **kw)):
+                                assert_bits_equal(got, ref)
+                finally:
+                    _C._set_stream_min_bytes(before)
 
 
 def test_binding_checks():

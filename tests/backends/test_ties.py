@@ -123,6 +123,18 @@ def test_ties_merge_model_matches_reference(bk, size, merge):
                 bk.check(got, ref)
 
 
+@pytest.mark.parametrize("bk", on("cpu", "cuda"))
+def test_ties_merge_model_special_values(bk):
+    base, a, b = special_pairs()
+    for dtype in DTYPES:  # one dtype throughout, and mixed (float32 base and models, bfloat16 out)
+        args = (base.to(dtype), [a.to(dtype), b.to(dtype)])
+        for fallback in (-1, 0, 1):
+            for kw in (dict(merge="dis-mean"), dict(merge="dis-sum", lam=0.5), dict(out_dtype=torch.bfloat16)):
+                for th in ([0.0, 0.0], [1.0, 1e-40]):
+                    ref = reference.ties_merge_model(*args, th, fallback, **kw)
+                    bk.check(bk.mod.ties_merge_model(*bk.put(*args), th, fallback, **kw), ref)
+
+
 @pytest.mark.parametrize("bk", on("cpu", "triton", "cuda"))
 def test_model_scope_errors_match_reference(bk):
     x = torch.ones(4)
@@ -189,6 +201,7 @@ if given is not None:
         shape=st.lists(st.integers(0, 30), min_size=0, max_size=2),
         in_dtypes=st.lists(st.sampled_from(DTYPES), min_size=1, max_size=5),
         base_dtype=st.sampled_from(DTYPES),
+        one_dtype=st.booleans(),
         thresholds=st.lists(st.sampled_from([0.0, 0.25, 0.3, 0.5, 1e-3, 2.0]), min_size=5, max_size=5),
         fallback=st.integers(-2, 2),
         lam=st.floats(-2, 2, allow_nan=False),
@@ -196,7 +209,10 @@ if given is not None:
         tiny=st.booleans(),
         seed=st.integers(0, 2**31 - 1),
     )
-    def test_property_ties_merge_model(bk, shape, in_dtypes, base_dtype, thresholds, fallback, lam, merge, tiny, seed):
+    def test_property_ties_merge_model(bk, shape, in_dtypes, base_dtype, one_dtype, thresholds, fallback, lam, merge,
+                                       tiny, seed):
+        if one_dtype:  # base, models and output of one dtype (the cpu backend's fused path)
+            in_dtypes = [base_dtype] * len(in_dtypes)
         base, ts = shaped_models(shape, in_dtypes, base_dtype, tiny, seed)
         th = thresholds[: len(ts)]
         ref = reference.ties_merge_model(base, ts, th, fallback, lam=lam, merge=merge)
