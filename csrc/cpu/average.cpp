@@ -12,11 +12,10 @@
 // upcast base live in L1-sized stack buffers, each input is read once, and the
 // per-dtype loops are plain enough for gcc to vectorise. Threads take pieces
 // of kGrainBlocks blocks in turn (parallel_for_dynamic). On x86-64 an AVX2+F16C
-// clone of the block loop is picked at run time (see range_fn); results are the
-// same bits either way.
+// clone of the block loop is picked at run time (cpu/isa.h); the loop is
+// memory-bound, so it has no AVX-512 clone.
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <type_traits>
 
@@ -24,6 +23,7 @@
 #include "common/parallel.h"
 #include "common/stream.h"
 #include "cpu/bindings.h"
+#include "cpu/isa.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -238,32 +238,14 @@ __attribute__((target("avx2,f16c"), flatten)) void range_avx2(const Args& a, int
 }
 #endif
 
-bool cpu_has_avx2() {
-#ifdef PYMERGE_X86_CLONES
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
-#else
-  return false;
-#endif
-}
-
-std::atomic<bool> g_force_generic{false};
-
 RangeFn range_fn() {
-  static const bool avx2 = cpu_has_avx2();
 #ifdef PYMERGE_X86_CLONES
-  if (avx2 && !g_force_generic.load(std::memory_order_relaxed)) return range_avx2;
+  if (use_avx2()) return range_avx2;
 #endif
-  (void)avx2;
   return range_generic;
 }
 
 }  // namespace
-
-// Test hook: run the baseline-ISA clone even where AVX2 is available.
-void set_force_generic(bool on) { g_force_generic.store(on, std::memory_order_relaxed); }
-
-const char* kernel_isa() { return range_fn() == range_generic ? "generic" : "avx2"; }
 
 // Preconditions (checked by the binding): n_models >= 1, valid dtype tags,
 // buffers of numel elements each; out does not partially overlap an input.

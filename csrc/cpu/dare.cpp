@@ -15,7 +15,6 @@
 // the total is rounded once to fp64 - the reference's l1_norm_exact, bit for bit.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -193,32 +192,13 @@ __attribute__((target("avx512f"))) void masks_avx512(uint32_t* mask, uint64_t st
 #pragma GCC diagnostic pop
 #endif
 
-// Test hook: the widest Philox vectors to use (0: no limit; 256: AVX2 at most).
-std::atomic<int> g_max_vector_bits{0};
-
-// The Philox clone for this CPU: the baseline one when average.cpp's choice
-// is "generic" (no AVX2, or forced by its test hook).
+// The Philox clone for the kernel level (cpu/isa.h).
 MaskFn mask_fn() {
 #ifdef PYMERGE_SPARSE_X86_CLONES
-  if (use_avx2()) {
-    static const bool avx512 = [] {
-      __builtin_cpu_init();
-      return __builtin_cpu_supports("avx512f") != 0;
-    }();
-    const int cap = g_max_vector_bits.load(std::memory_order_relaxed);
-    return avx512 && (cap == 0 || cap >= 512) ? masks_avx512 : masks_avx2;
-  }
+  if (use_avx512()) return masks_avx512;
+  if (use_avx2()) return masks_avx2;
 #endif
   return masks_generic;
-}
-
-const char* mask_isa() {
-  const MaskFn fn = mask_fn();
-#ifdef PYMERGE_SPARSE_X86_CLONES
-  if (fn == masks_avx512) return "avx512";
-  if (fn == masks_avx2) return "avx2";
-#endif
-  return fn == masks_generic ? "generic" : "unknown";
 }
 
 // Keep masks of one model for elements off..off+n, with the shortcuts for
@@ -632,15 +612,7 @@ PYMERGE_BINDINGS(dare) {
   m.def("dare_keep_mask", &dare_keep_mask_binding, py::arg("out_ptr"), py::arg("numel"), py::arg("name"),
         py::arg("seed"), py::arg("model_index"), py::arg("density"),
         "Writes the 0/1 keep mask (u < density, density fp32) of numel elements as bytes.");
-  // Test helpers: the Philox clone in use, and the generator pieces of common/philox.h.
-  m.def(
-      "_dare_philox_isa",
-      [](int max_vector_bits) {
-        pymerge::cpu::sparse::g_max_vector_bits.store(max_vector_bits, std::memory_order_relaxed);
-        return std::string(pymerge::cpu::sparse::mask_isa());
-      },
-      py::arg("max_vector_bits"),
-      "Limit the Philox vectors to max_vector_bits (0: no limit); returns the clone now in use.");
+  // Test helpers: the generator pieces of common/philox.h.
   m.def(
       "_philox4x32_10",
       [](uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {

@@ -22,7 +22,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <memory>
 #include <new>
 #include <type_traits>
@@ -32,6 +31,7 @@
 #include "common/parallel.h"
 #include "common/stream.h"
 #include "cpu/bindings.h"
+#include "cpu/isa.h"
 
 #if defined(__GNUC__)
 #define PYMERGE_EMR_FLATTEN __attribute__((flatten))
@@ -46,9 +46,6 @@
 namespace pymerge {
 namespace cpu {
 
-// average.cpp owns the process-wide instruction-set choice (and its test hook).
-const char* kernel_isa();
-
 namespace emr {
 
 namespace {
@@ -58,14 +55,6 @@ constexpr int64_t kBlock = 1024;
 constexpr int64_t kGrainBlocks = 64;  // >= 64K elements per thread (per piece in reconstruct)
 constexpr int kLanes = 8;
 static_assert(kBlock % 32 == 0 && 32 % kLanes == 0, "block layout");
-
-bool use_avx2() {
-#ifdef PYMERGE_EMR_X86_CLONES
-  return std::strcmp(kernel_isa(), "avx2") == 0;
-#else
-  return false;
-#endif
-}
 
 template <int T>
 inline void load_f32(float* __restrict dst, const void* src, int64_t off, int64_t n) {

@@ -7,22 +7,18 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <string>
 
 #include "common/dtype.h"
 #include "common/parallel.h"
 #include "common/stream.h"
 #include "cpu/bindings.h"
+#include "cpu/isa.h"
 
 namespace py = pybind11;
 using pymerge::bind::check_dtype;
 using pymerge::bind::check_ptr;
 
-namespace pymerge {
-namespace cpu {
-void set_force_generic(bool on);
-const char* kernel_isa();
-}  // namespace cpu
-}  // namespace pymerge
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pymerge CPU kernels (raw-buffer interface; use pymerge.backends.cpu)";
@@ -38,9 +34,17 @@ PYBIND11_MODULE(_C, m) {
   m.def("get_num_threads", &pymerge::get_num_threads);
 
   // Test helpers.
-  m.def("_kernel_isa", &pymerge::cpu::kernel_isa, "Instruction-set clone the kernels run: avx2 or generic.");
-  m.def("_set_force_generic", &pymerge::cpu::set_force_generic, py::arg("on"),
-        "Run the baseline x86-64 clone even where AVX2 is available.");
+  m.def(
+      "_kernel_isa", [] { return std::string(pymerge::cpu::isa_name(pymerge::cpu::kernel_isa())); },
+      "The widest instruction-set clone the kernels run: generic, avx2 or avx512 (see cpu/isa.h).");
+  m.def(
+      "_set_max_isa",
+      [](const std::string& name) {
+        for (const auto isa : {pymerge::cpu::kGeneric, pymerge::cpu::kAvx2, pymerge::cpu::kAvx512})
+          if (name == pymerge::cpu::isa_name(isa)) return std::string(pymerge::cpu::isa_name(pymerge::cpu::set_max_isa(isa)));
+        throw py::value_error("_set_max_isa: expected generic, avx2 or avx512, got " + name);
+      },
+      py::arg("name"), "Run no clone above this level (avx512: no limit); returns the previous limit.");
   m.def(
       "_set_stream_min_bytes",
       [](int64_t n) { return pymerge::stream_min_bytes().exchange(n); },

@@ -37,6 +37,7 @@
 #include "common/parallel.h"
 #include "common/select.h"
 #include "cpu/bindings.h"
+#include "cpu/isa.h"
 
 #if defined(__GNUC__)
 #define PYMERGE_PCB_FLATTEN __attribute__((flatten))
@@ -45,12 +46,6 @@
 #endif
 
 namespace pymerge {
-
-// average.cpp: the instruction-set clone in use ("avx2" or "generic"), which
-// also honours the _set_force_generic test hook.
-namespace cpu {
-const char* kernel_isa();
-}
 
 namespace cpu {
 namespace pcb {
@@ -324,7 +319,7 @@ __attribute__((target("avx2,f16c"), flatten)) void range_avx2(const Args& a, int
 template <Mode kMode>
 RangeFn range_fn() {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (std::strcmp(kernel_isa(), "avx2") == 0) return range_avx2<kMode>;
+  if (use_avx2()) return range_avx2<kMode>;
 #endif
   return range_generic<kMode>;
 }

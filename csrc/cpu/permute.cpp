@@ -16,12 +16,12 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 #include "common/dtype.h"
 #include "common/parallel.h"
 #include "cpu/bindings.h"
+#include "cpu/isa.h"
 
 #if defined(__GNUC__)
 #define PYMERGE_PERMUTE_FLATTEN __attribute__((flatten))
@@ -36,23 +36,12 @@
 namespace pymerge {
 namespace cpu {
 
-// average.cpp owns the process-wide instruction-set choice (and its test hook).
-const char* kernel_isa();
-
 namespace permute {
 
 namespace {
 
 constexpr int64_t kTile = 1024;
 constexpr int64_t kGrainElems = 1 << 15;
-
-bool use_avx2() {
-#ifdef PYMERGE_PERMUTE_X86_CLONES
-  return std::strcmp(kernel_isa(), "avx2") == 0;
-#else
-  return false;
-#endif
-}
 
 struct Model {
   const void* data;

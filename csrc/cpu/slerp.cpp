@@ -15,12 +15,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 #include "common/dtype.h"
 #include "common/parallel.h"
 #include "cpu/bindings.h"
+#include "cpu/isa.h"
 
 #if defined(__GNUC__)
 #define PYMERGE_SLERP_FLATTEN __attribute__((flatten))
@@ -35,9 +35,6 @@
 namespace pymerge {
 namespace cpu {
 
-// average.cpp owns the process-wide instruction-set choice (and its test hook).
-const char* kernel_isa();
-
 namespace slerp {
 
 namespace {
@@ -45,14 +42,6 @@ namespace {
 constexpr int64_t kSeg = 2048;
 constexpr int64_t kGrainElems = 1 << 16;  // elements per thread at least
 constexpr int kLanes = 8;
-
-bool use_avx2() {
-#ifdef PYMERGE_SLERP_X86_CLONES
-  return std::strcmp(kernel_isa(), "avx2") == 0;
-#else
-  return false;
-#endif
-}
 
 template <int T>
 inline void load_f32(float* __restrict dst, const void* src, int64_t off, int64_t n) {

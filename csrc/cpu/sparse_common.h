@@ -24,14 +24,13 @@
 // Work is split into chunks [c*n/C, (c+1)*n/C) with C a function of n and the
 // thread count only; every decision is a function of the flat element index,
 // so results are identical for any thread count. Chunk bodies are compiled
-// twice (baseline x86-64 and AVX2) and picked with average.cpp's choice.
+// three times (baseline x86-64, AVX2, AVX-512; see cpu/isa.h).
 #pragma once
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <memory>
 #include <utility>
 #include <vector>
@@ -40,6 +39,7 @@
 #include "common/parallel.h"
 #include "common/stream.h"
 #include "common/select.h"
+#include "cpu/isa.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define PYMERGE_SPARSE_X86_CLONES 1
@@ -54,9 +54,6 @@
 
 namespace pymerge {
 namespace cpu {
-
-// average.cpp owns the process-wide instruction-set choice (and its test hook).
-const char* kernel_isa();
 
 namespace sparse {
 
@@ -86,14 +83,6 @@ constexpr int64_t kCopies = 4;
 constexpr int64_t kDummies = 16;
 constexpr int64_t kHighStride = kCopies * kBins;
 constexpr int64_t kLowStride = kCopies * kBins + kDummies;
-
-inline bool use_avx2() {
-#ifdef PYMERGE_SPARSE_X86_CLONES
-  return std::strcmp(kernel_isa(), "avx2") == 0;
-#else
-  return false;
-#endif
-}
 
 // One tensor's inputs. Preconditions (checked by the bindings): n >= 1, valid
 // dtype tags, every buffer holds numel elements.
@@ -136,22 +125,26 @@ template <class Pass>
 __attribute__((target("avx2,f16c"), flatten)) void run_chunk_avx2(const Pass& p, int64_t c) {
   p.chunk(c);
 }
+
+// The passes are arithmetic-bound on few cores, so 512-bit vectors pay.
+template <class Pass>
+__attribute__((target("avx2,f16c,avx512f,avx512bw,avx512vl,avx512dq,prefer-vector-width=512"), flatten)) void
+run_chunk_avx512(const Pass& p, int64_t c) {
+  p.chunk(c);
+}
 #endif
 
 template <class Pass>
 void run_chunks(const Pass& p, int64_t chunks) {
-  const bool avx2 = use_avx2();
-  (void)avx2;
-  parallel_for(chunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
+  void (*fn)(const Pass&, int64_t) = run_chunk_generic<Pass>;
 #ifdef PYMERGE_SPARSE_X86_CLONES
-      if (avx2) {
-        run_chunk_avx2(p, c);
-        continue;
-      }
+  if (use_avx512())
+    fn = run_chunk_avx512<Pass>;
+  else if (use_avx2())
+    fn = run_chunk_avx2<Pass>;
 #endif
-      run_chunk_generic(p, c);
-    }
+  parallel_for(chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) fn(p, c);
   });
 }
 

@@ -89,28 +89,38 @@ def on(*names):
     return [pytest.param(BACKENDS[n], marks=BACKENDS[n].marks, id=n) for n in names]
 
 
-def each_isa(fn):
-    """fn() under every kernel clone this machine runs (baseline, and AVX2 where present)."""
-    from pymerge import _C
-
-    try:
-        _C._set_force_generic(False)
-        isas = ["generic"] if _C._kernel_isa() == "generic" else ["generic", _C._kernel_isa()]
-        out = []
-        for isa in isas:
-            _C._set_force_generic(isa == "generic")
-            out.append(fn())
-        return out
-    finally:
-        _C._set_force_generic(False)
+ISAS = ("generic", "avx2", "avx512")  # the cpu kernel clone levels (csrc/cpu/isa.h)
 
 
 def isas():
-    """The cpu kernel clones this machine can run: the baseline one always, plus AVX2 where present."""
+    """The cpu kernel clone levels this machine runs: the baseline one always, then AVX2 and
+    AVX-512 where present."""
     from pymerge import _C
 
-    _C._set_force_generic(False)
-    return ["generic"] if _C._kernel_isa() == "generic" else ["generic", _C._kernel_isa()]
+    _C._set_max_isa(ISAS[-1])
+    return list(ISAS[: ISAS.index(_C._kernel_isa()) + 1])
+
+
+@contextlib.contextmanager
+def kernel_isa(name):
+    """The cpu kernels run no clone above this level inside the block."""
+    from pymerge import _C
+
+    before = _C._set_max_isa(name)
+    try:
+        assert _C._kernel_isa() == name
+        yield
+    finally:
+        _C._set_max_isa(before)
+
+
+def each_isa(fn):
+    """fn() under every kernel clone level this machine runs."""
+    out = []
+    for isa in isas():
+        with kernel_isa(isa):
+            out.append(fn())
+    return out
 
 
 @contextlib.contextmanager

@@ -10,7 +10,7 @@ import torch
 from pymerge.backends import cpu
 from pymerge.ops import reference
 
-from .cases import CPU, DTYPES, isas
+from .cases import CPU, DTYPES, ISAS, each_isa, isas, kernel_isa
 
 pytestmark = CPU.marks
 
@@ -35,17 +35,24 @@ def rand(shape, dtype, gen, scale=1.0, offset=0.0):
     return (torch.randn(shape, generator=gen) * scale + offset).to(dtype)
 
 
-def check_all_isas(ref, *args, **kwargs):
-    """cpu.weighted_sum(*args, **kwargs) equals ref bit for bit with every kernel clone."""
+def test_kernel_isa_levels():
+    # Levels in order, the widest one by default, the limit restored after each block.
     from pymerge import _C
 
-    try:
-        for isa in isas():
-            _C._set_force_generic(isa == "generic")
+    levels = isas()
+    assert levels == list(ISAS[: len(levels)]) and _C._kernel_isa() == levels[-1]
+    for isa in levels:
+        with kernel_isa(isa):
             assert _C._kernel_isa() == isa
-            assert_bits_equal(cpu.weighted_sum(*args, **kwargs), ref)
-    finally:
-        _C._set_force_generic(False)
+    assert _C._kernel_isa() == levels[-1]
+    with pytest.raises(ValueError, match="generic, avx2 or avx512"):
+        _C._set_max_isa("sse")
+
+
+def check_all_isas(ref, *args, **kwargs):
+    """cpu.weighted_sum(*args, **kwargs) equals ref bit for bit with every kernel clone."""
+    for got in each_isa(lambda: cpu.weighted_sum(*args, **kwargs)):
+        assert_bits_equal(got, ref)
 
 
 # ---------------------------------------------------------------- weighted_sum

@@ -13,7 +13,7 @@ from pymerge.ops import reference
 from pymerge.ops.reference.dare import l1_norm_exact
 from pymerge.ops.reference.philox import dare_uniform, philox4x32_10
 
-from .cases import CPU, DTYPES, models
+from .cases import CPU, DTYPES, each_isa, models
 
 pytestmark = CPU.marks
 
@@ -22,28 +22,6 @@ CHUNK = 1 << 16
 ODD = 3 * CHUNK + BLOCK // 2 + 7  # not a multiple of any block, chunk or SIMD width
 SIZES = [0, 1, 7, 1000, 65537, ODD]
 NAME = "model.layers.0.mlp.up_proj.weight"
-
-
-def each_isa(fn):
-    """fn() under every clone this machine runs: baseline, AVX2 and, for Philox, AVX-512."""
-    from pymerge import _C
-
-    try:
-        _C._set_force_generic(False)
-        configs = [("generic", 0)]
-        if _C._kernel_isa() != "generic":
-            configs.append((_C._kernel_isa(), 256))
-            if _C._dare_philox_isa(0) == "avx512":
-                configs.append((_C._kernel_isa(), 0))
-        out = []
-        for isa, bits in configs:
-            _C._set_force_generic(isa == "generic")
-            _C._dare_philox_isa(bits)
-            out.append(fn())
-        return out
-    finally:
-        _C._set_force_generic(False)
-        _C._dare_philox_isa(0)
 
 
 # ---------------------------------------------------------------- generator
@@ -63,21 +41,6 @@ def test_known_answer_vectors():
     for seed, index, kept in ((0, 0, [1, 0, 0, 1, 0, 1, 1, 0]), (42, 1, [0, 0, 1, 1, 0, 0, 0, 1])):
         for mask in each_isa(lambda: cpu.dare_keep_mask(8, name=NAME, seed=seed, model_index=index, density=0.5)):
             assert mask.tolist() == [bool(k) for k in kept]
-
-
-def test_philox_clones():
-    from pymerge import _C
-
-    try:
-        _C._set_force_generic(True)
-        assert _C._dare_philox_isa(0) == "generic"
-        _C._set_force_generic(False)
-        if _C._kernel_isa() == "avx2":
-            assert _C._dare_philox_isa(256) == "avx2"
-            assert _C._dare_philox_isa(0) in ("avx2", "avx512")
-    finally:
-        _C._set_force_generic(False)
-        _C._dare_philox_isa(0)
 
 
 def test_word0_beyond_2_32():

@@ -18,7 +18,7 @@ import torch
 from pymerge.backends import cpu
 from pymerge.ops.reference import pcb as ref
 
-from .cases import CPU, DTYPES, exact_math
+from .cases import CPU, DTYPES, each_isa, exact_math
 from .cases import assert_bits_equal_on_cpu as assert_bits_equal
 from .cases import exact_exp, exact_tanh, pcb_models as make, pcb_ref_stats as ref_stats
 
@@ -108,7 +108,6 @@ def test_mixed_input_dtypes(base_dtype):
 
 
 def test_thread_counts_and_isas_identical():
-    from pymerge import _C
     from pymerge.backends.cpu.pcb import _pcb_merge
 
     gen = torch.Generator().manual_seed(21)
@@ -116,15 +115,10 @@ def test_thread_counts_and_isas_identical():
     base, ts = make(3 * 32768 + 1000 + 7, 3, [torch.bfloat16, torch.float16], gen, base_dtype=torch.bfloat16)
     stats = _pcb_merge(base, ts, 0.1, 0.01, 1.0, None, None)[1]
     results = []
-    isas = ["generic"] if _C._kernel_isa() == "generic" else ["generic", _C._kernel_isa()]
-    try:
-        for isa in isas:
-            _C._set_force_generic(isa == "generic")
-            for k in (1, 2):
-                cpu.set_num_threads(k)
-                results.append((cpu.pcb_merge(base, ts), cpu.pcb_merge_with_stats(base, ts, *stats), cpu.pcb_scores(base, ts, *stats[:2])))
-    finally:
-        _C._set_force_generic(False)
+    for k in (1, 2):
+        cpu.set_num_threads(k)
+        results += each_isa(lambda: (cpu.pcb_merge(base, ts), cpu.pcb_merge_with_stats(base, ts, *stats),
+                                     cpu.pcb_scores(base, ts, *stats[:2])))
     for r in results[1:]:
         for a, b in zip(r, results[0]):
             assert_bits_equal(a, b)

@@ -11,7 +11,7 @@ from pymerge.backends import cpu
 from pymerge.testing import assert_bits_equal
 from pymerge.ops import reference
 
-from .cases import CPU, DTYPES, isas
+from .cases import CPU, DTYPES, each_isa
 
 pytestmark = [*CPU.marks, pytest.mark.usefixtures("torch_one_thread")]
 
@@ -21,15 +21,9 @@ SHAPES_2D = [(0, 5), (5, 0), (1, 1), (31, 33), (32, 32), (33, 31), (7, 3 * TILE 
 
 
 def check(*args, **kw):
-    from pymerge import _C
-
     ref = reference.permute_average(*args, **kw)
-    try:
-        for isa in isas():
-            _C._set_force_generic(isa == "generic")
-            assert_bits_equal(cpu.permute_average(*args, **kw), ref)
-    finally:
-        _C._set_force_generic(False)
+    for got in each_isa(lambda: cpu.permute_average(*args, **kw)):
+        assert_bits_equal(got, ref)
     return ref
 
 

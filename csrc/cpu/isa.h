@@ -1,0 +1,25 @@
+// The instruction-set clones of the CPU kernels.
+//
+// Hot loops are compiled once per level (baseline x86-64; AVX2 + F16C; AVX-512
+// F/BW/VL/DQ) and a call runs the widest clone its kernel family has at or below
+// kernel_isa(): the widest level this CPU and OS support, which a test hook can
+// lower so that every clone gets checked. The clones give the same bits: they
+// differ only in vector width, over elementwise IEEE operations and integer work.
+#pragma once
+
+namespace pymerge {
+namespace cpu {
+
+enum Isa : int { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
+
+Isa kernel_isa();
+const char* isa_name(Isa isa);
+
+// Test hook: no clone above max runs. Returns the previous limit.
+Isa set_max_isa(Isa max);
+
+inline bool use_avx2() { return kernel_isa() >= kAvx2; }
+inline bool use_avx512() { return kernel_isa() >= kAvx512; }
+
+}  // namespace cpu
+}  // namespace pymerge
