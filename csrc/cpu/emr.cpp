@@ -41,6 +41,7 @@
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define PYMERGE_EMR_X86_CLONES 1
+#include <immintrin.h>
 #endif
 
 namespace pymerge {
@@ -313,30 +314,98 @@ void reconstruct(const ReconArgs& args) {
   parallel_for_dynamic(n_blocks, kGrainBlocks, [&](int64_t b0, int64_t b1) { fn(a, b0, b1); });
 }
 
+namespace {
+
+// Bit j of a word is byte j of its 32-byte run (any nonzero byte is a 1).
+inline uint32_t pack_word(const uint8_t* __restrict p, int64_t m) {
+  uint32_t word = 0;
+  for (int64_t k = 0; k < m; ++k) word |= uint32_t(p[k] != 0) << k;
+  return word;
+}
+
+inline void unpack_word(uint32_t word, uint8_t* __restrict p, int64_t m) {
+  for (int64_t k = 0; k < m; ++k) p[k] = uint8_t((word >> k) & 1u);
+}
+
+// Full words of one row, 32 bytes per vector: a byte compare and movemask one
+// way; the way back spreads each word byte over 8 lanes and tests one bit each.
+using PackFn = void (*)(const uint8_t*, int64_t, uint32_t*);
+using UnpackFn = void (*)(const uint32_t*, int64_t, uint8_t*);
+
+void pack_words_generic(const uint8_t* bits, int64_t nw, uint32_t* words) {
+  for (int64_t w = 0; w < nw; ++w) words[w] = pack_word(bits + w * 32, 32);
+}
+
+void unpack_words_generic(const uint32_t* words, int64_t nw, uint8_t* bits) {
+  for (int64_t w = 0; w < nw; ++w) unpack_word(words[w], bits + w * 32, 32);
+}
+
+#ifdef PYMERGE_EMR_X86_CLONES
+__attribute__((target("avx2"))) void pack_words_avx2(const uint8_t* bits, int64_t nw, uint32_t* words) {
+  const __m256i zero = _mm256_setzero_si256();
+  for (int64_t w = 0; w < nw; ++w) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bits + w * 32));
+    words[w] = ~uint32_t(_mm256_movemask_epi8(_mm256_cmpeq_epi8(v, zero)));
+  }
+}
+
+__attribute__((target("avx2"))) void unpack_words_avx2(const uint32_t* words, int64_t nw, uint8_t* bits) {
+  // Lane k reads word byte k / 8 and tests bit k % 8.
+  const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                          2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+  const __m256i bit = _mm256_set1_epi64x(int64_t(0x8040201008040201ull));
+  const __m256i one = _mm256_set1_epi8(1);
+  for (int64_t w = 0; w < nw; ++w) {
+    const __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32(int(words[w])), spread);
+    const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(bits + w * 32), _mm256_and_si256(set, one));
+  }
+}
+#endif
+
+constexpr int64_t kGrainWords = 1 << 14;
+
+}  // namespace
+
 // rows x n bytes (0/1) -> rows x ceil(n/32) words, last word zero-padded.
 void pack(const uint8_t* bits, int64_t rows, int64_t n, uint32_t* words) {
-  const int64_t nw = (n + 31) / 32;
-  parallel_for(rows * nw, 1 << 14, [&](int64_t w0, int64_t w1) {
-    for (int64_t q = w0; q < w1; ++q) {
+  const int64_t nw = (n + 31) / 32, full = n / 32;
+  PackFn fn = pack_words_generic;
+#ifdef PYMERGE_EMR_X86_CLONES
+  if (use_avx2()) fn = pack_words_avx2;
+#endif
+  parallel_for(rows * nw, kGrainWords, [&](int64_t w0, int64_t w1) {
+    for (int64_t q = w0; q < w1;) {
       const int64_t r = q / nw, w = q % nw;
-      const uint8_t* __restrict p = bits + r * n + w * 32;
-      const int64_t m = std::min<int64_t>(32, n - w * 32);
-      uint32_t word = 0;
-      for (int64_t k = 0; k < m; ++k) word |= uint32_t(p[k] != 0) << k;
-      words[q] = word;
+      const int64_t run = std::min(w1 - q, std::max<int64_t>(full - w, 0));  // full words left in this row
+      if (run > 0) {
+        fn(bits + r * n + w * 32, run, words + q);
+        q += run;
+      } else {
+        words[q] = pack_word(bits + r * n + w * 32, n - w * 32);
+        ++q;
+      }
     }
   });
 }
 
 void unpack(const uint32_t* words, int64_t rows, int64_t n, uint8_t* bits) {
-  const int64_t nw = (n + 31) / 32;
-  parallel_for(rows * nw, 1 << 14, [&](int64_t w0, int64_t w1) {
-    for (int64_t q = w0; q < w1; ++q) {
+  const int64_t nw = (n + 31) / 32, full = n / 32;
+  UnpackFn fn = unpack_words_generic;
+#ifdef PYMERGE_EMR_X86_CLONES
+  if (use_avx2()) fn = unpack_words_avx2;
+#endif
+  parallel_for(rows * nw, kGrainWords, [&](int64_t w0, int64_t w1) {
+    for (int64_t q = w0; q < w1;) {
       const int64_t r = q / nw, w = q % nw;
-      uint8_t* __restrict p = bits + r * n + w * 32;
-      const int64_t m = std::min<int64_t>(32, n - w * 32);
-      const uint32_t word = words[q];
-      for (int64_t k = 0; k < m; ++k) p[k] = uint8_t((word >> k) & 1u);
+      const int64_t run = std::min(w1 - q, std::max<int64_t>(full - w, 0));
+      if (run > 0) {
+        fn(words + q, run, bits + r * n + w * 32);
+        q += run;
+      } else {
+        unpack_word(words[q], bits + r * n + w * 32, n - w * 32);
+        ++q;
+      }
     }
   });
 }

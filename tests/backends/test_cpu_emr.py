@@ -283,18 +283,25 @@ def test_reconstruct_errors():
 # ---------------------------------------------------------------- pack_bits / unpack_bits
 
 
-@pytest.mark.parametrize("shape", [(0,), (1,), (31,), (32,), (33,), (1000,), (65537,), (3, 0), (0, 5), (4, 45), (2, 3, 64)])
+# (700, 1000) and (3, 200001): more words than one thread's share (16K), split inside a row.
+@pytest.mark.parametrize("shape", [(0,), (1,), (31,), (32,), (33,), (1000,), (65537,), (3, 0), (0, 5), (4, 45),
+                                   (2, 3, 64), (700, 1000), (3, 200001)])
 def test_pack_unpack_roundtrip(shape):
     gen = torch.Generator().manual_seed(sum(shape) + len(shape))
     mask = torch.rand(shape, generator=gen) < 0.4
-    words = cpu.pack_bits(mask)
-    assert words.dtype == torch.int32
-    assert torch.equal(words, reference.pack_bits(mask))
     n = shape[-1]
-    assert torch.equal(cpu.unpack_bits(words, n), mask)
+    ref = reference.pack_bits(mask)
     # Any word pattern, padding bits included.
-    rnd = torch.randint(-(2**31), 2**31, words.shape, generator=gen, dtype=torch.int64).to(torch.int32)
-    assert torch.equal(cpu.unpack_bits(rnd, n), reference.unpack_bits(rnd, n))
+    rnd = torch.randint(-(2**31), 2**31, ref.shape, generator=gen, dtype=torch.int64).to(torch.int32)
+    ref_rnd = reference.unpack_bits(rnd, n)
+    for threads in (1, 2):
+        cpu.set_num_threads(threads)
+        for words, back, back_rnd in each_isa(
+                lambda: (cpu.pack_bits(mask), cpu.unpack_bits(ref, n), cpu.unpack_bits(rnd, n))):
+            assert words.dtype == torch.int32
+            assert torch.equal(words, ref)
+            assert torch.equal(back, mask)
+            assert torch.equal(back_rnd, ref_rnd)
     # Non-contiguous mask.
     if len(shape) == 2:
         t = mask.t().contiguous().t()
