@@ -230,7 +230,7 @@ PYMERGE_FLATTEN void range_generic(const Args& a, int64_t begin, int64_t end) {
 }
 
 #ifdef PYMERGE_X86_CLONES
-__attribute__((target("avx2,f16c"), flatten)) void range_avx2(const Args& a, int64_t begin, int64_t end) {
+PYMERGE_CLONE_AVX2 void range_avx2(const Args& a, int64_t begin, int64_t end) {
   if (a.base != nullptr)
     run_range<true, true>(a, begin, end);
   else

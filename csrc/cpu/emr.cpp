@@ -213,7 +213,14 @@ PYMERGE_EMR_FLATTEN void elect_generic(const ElectArgs& a, int64_t b0, int64_t b
 }
 
 #ifdef PYMERGE_EMR_X86_CLONES
-__attribute__((target("avx2,f16c"), flatten)) void elect_avx2(const ElectArgs& a, int64_t b0, int64_t b1) {
+PYMERGE_CLONE_AVX2 void elect_avx2(const ElectArgs& a, int64_t b0, int64_t b1) {
+  if (a.sign_zero)
+    elect_blocks<true>(a, b0, b1);
+  else
+    elect_blocks<false>(a, b0, b1);
+}
+
+PYMERGE_CLONE_AVX512 void elect_avx512(const ElectArgs& a, int64_t b0, int64_t b1) {
   if (a.sign_zero)
     elect_blocks<true>(a, b0, b1);
   else
@@ -274,7 +281,7 @@ using ReconFn = void (*)(const ReconArgs&, int64_t, int64_t);
 PYMERGE_EMR_FLATTEN void recon_generic(const ReconArgs& a, int64_t b0, int64_t b1) { recon_blocks(a, b0, b1); }
 
 #ifdef PYMERGE_EMR_X86_CLONES
-__attribute__((target("avx2,f16c"), flatten)) void recon_avx2(const ReconArgs& a, int64_t b0, int64_t b1) {
+PYMERGE_CLONE_AVX2 void recon_avx2(const ReconArgs& a, int64_t b0, int64_t b1) {
   recon_blocks(a, b0, b1);
 }
 #endif
@@ -292,7 +299,10 @@ void elect(const ElectArgs& args, double* abs_tau, double* abs_u) {
   a.blk_u = blk_u.data();
   ElectFn fn = elect_generic;
 #ifdef PYMERGE_EMR_X86_CLONES
-  if (use_avx2()) fn = elect_avx2;
+  if (use_avx512())
+    fn = elect_avx512;
+  else if (use_avx2())
+    fn = elect_avx2;
 #endif
   parallel_for(n_blocks, kGrainBlocks, [&](int64_t b0, int64_t b1) { fn(a, b0, b1); });
   for (int64_t i = 0; i < N; ++i) {

@@ -23,3 +23,17 @@ inline bool use_avx512() { return kernel_isa() >= kAvx512; }
 
 }  // namespace cpu
 }  // namespace pymerge
+
+// Attributes of a clone's entry point: the target, and flatten so that the
+// whole loop nest below it is compiled for that target.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define PYMERGE_CLONE_AVX2 __attribute__((target("avx2,f16c"), flatten))
+#define PYMERGE_CLONE_AVX512 \
+  __attribute__((target("avx2,f16c,avx512f,avx512bw,avx512vl,avx512dq,prefer-vector-width=512"), flatten))
+#endif
+
+namespace pymerge {
+namespace cpu {
+
+}  // namespace cpu
+}  // namespace pymerge

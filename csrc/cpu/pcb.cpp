@@ -300,8 +300,8 @@ void run_range(const Args& a, int64_t begin, int64_t end) {
   }
 }
 
-// One copy per instruction set (see average.cpp): elementwise IEEE operations
-// only and no FMA, so both give the same bits.
+// One copy per instruction set (cpu/isa.h): elementwise IEEE operations only
+// and no FMA, so all give the same bits.
 using RangeFn = void (*)(const Args&, int64_t, int64_t);
 
 template <Mode kMode>
@@ -311,7 +311,12 @@ PYMERGE_PCB_FLATTEN void range_generic(const Args& a, int64_t b, int64_t e) {
 
 #if defined(__x86_64__) && defined(__GNUC__)
 template <Mode kMode>
-__attribute__((target("avx2,f16c"), flatten)) void range_avx2(const Args& a, int64_t b, int64_t e) {
+PYMERGE_CLONE_AVX2 void range_avx2(const Args& a, int64_t b, int64_t e) {
+  run_range<kMode>(a, b, e);
+}
+
+template <Mode kMode>
+PYMERGE_CLONE_AVX512 void range_avx512(const Args& a, int64_t b, int64_t e) {
   run_range<kMode>(a, b, e);
 }
 #endif
@@ -319,6 +324,7 @@ __attribute__((target("avx2,f16c"), flatten)) void range_avx2(const Args& a, int
 template <Mode kMode>
 RangeFn range_fn() {
 #if defined(__x86_64__) && defined(__GNUC__)
+  if (use_avx512()) return range_avx512<kMode>;
   if (use_avx2()) return range_avx2<kMode>;
 #endif
   return range_generic<kMode>;

@@ -132,7 +132,7 @@ using ItemFn = void (*)(const Args&, int64_t, int64_t);
 PYMERGE_PERMUTE_FLATTEN void items_generic(const Args& a, int64_t i0, int64_t i1) { run_items(a, i0, i1); }
 
 #ifdef PYMERGE_PERMUTE_X86_CLONES
-__attribute__((target("avx2,f16c"), flatten)) void items_avx2(const Args& a, int64_t i0, int64_t i1) {
+PYMERGE_CLONE_AVX2 void items_avx2(const Args& a, int64_t i0, int64_t i1) {
   run_items(a, i0, i1);
 }
 #endif

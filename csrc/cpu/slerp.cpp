@@ -129,12 +129,8 @@ PYMERGE_SLERP_FLATTEN void stats_generic(const Args& a, int64_t s0, int64_t s1) 
 PYMERGE_SLERP_FLATTEN void combine_generic(const Args& a, int64_t s0, int64_t s1) { combine_segments(a, s0, s1); }
 
 #ifdef PYMERGE_SLERP_X86_CLONES
-__attribute__((target("avx2,f16c"), flatten)) void stats_avx2(const Args& a, int64_t s0, int64_t s1) {
-  stats_segments(a, s0, s1);
-}
-__attribute__((target("avx2,f16c"), flatten)) void combine_avx2(const Args& a, int64_t s0, int64_t s1) {
-  combine_segments(a, s0, s1);
-}
+PYMERGE_CLONE_AVX2 void stats_avx2(const Args& a, int64_t s0, int64_t s1) { stats_segments(a, s0, s1); }
+PYMERGE_CLONE_AVX2 void combine_avx2(const Args& a, int64_t s0, int64_t s1) { combine_segments(a, s0, s1); }
 #endif
 
 void run_segments(const Args& a, SegFn fn) {
@@ -152,7 +148,7 @@ void row_stats(Args a, double* stats) {
   a.seg_sums = seg_sums.data();
   SegFn fn = stats_generic;
 #ifdef PYMERGE_SLERP_X86_CLONES
-  if (use_avx2()) fn = stats_avx2;
+  if (use_avx2()) fn = stats_avx2;  // an AVX-512 clone of the fp64 sums measured slower
 #endif
   run_segments(a, fn);
   const int64_t spr = a.segs_per_row;

@@ -122,14 +122,13 @@ PYMERGE_SPARSE_FLATTEN void run_chunk_generic(const Pass& p, int64_t c) {
 #ifdef PYMERGE_SPARSE_X86_CLONES
 // Elementwise IEEE operations and integer work only: wider vectors give the same bits.
 template <class Pass>
-__attribute__((target("avx2,f16c"), flatten)) void run_chunk_avx2(const Pass& p, int64_t c) {
+PYMERGE_CLONE_AVX2 void run_chunk_avx2(const Pass& p, int64_t c) {
   p.chunk(c);
 }
 
 // The passes are arithmetic-bound on few cores, so 512-bit vectors pay.
 template <class Pass>
-__attribute__((target("avx2,f16c,avx512f,avx512bw,avx512vl,avx512dq,prefer-vector-width=512"), flatten)) void
-run_chunk_avx512(const Pass& p, int64_t c) {
+PYMERGE_CLONE_AVX512 void run_chunk_avx512(const Pass& p, int64_t c) {
   p.chunk(c);
 }
 #endif
