@@ -57,6 +57,16 @@ inline double combine_lanes(const double* l) {
   return ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
 }
 
+// sum u*v in fp64 over kLanes fixed lanes (element j in lane j % kLanes),
+// combined by combine_lanes; n is a multiple of kLanes. One product per loop:
+// with all three in one loop gcc packs x and y into the same vector.
+inline double lane_sum(const float* __restrict u, const float* __restrict v, int64_t n) {
+  double acc[kLanes] = {};
+  for (int64_t j = 0; j < n; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) acc[l] += double(u[j + l]) * double(v[j + l]);
+  return combine_lanes(acc);
+}
+
 struct Args {
   const void* a;
   int a_dtype;
@@ -85,19 +95,10 @@ inline void stats_segments(const Args& a, int64_t s0, int64_t s1) {
     load_any(a.a_dtype, x, a.a, r * a.cols + c0, n);
     load_any(a.b_dtype, y, a.b, r * a.cols + c0, n);
     for (int64_t j = n; j < np; ++j) x[j] = y[j] = 0.0f;
-    double xx[kLanes] = {}, yy[kLanes] = {}, xy[kLanes] = {};
-    for (int64_t j = 0; j < np; j += kLanes) {
-      for (int l = 0; l < kLanes; ++l) {
-        const double dx = x[j + l], dy = y[j + l];
-        xx[l] += dx * dx;
-        yy[l] += dy * dy;
-        xy[l] += dx * dy;
-      }
-    }
     double* out = a.seg_sums + seg * 3;
-    out[0] = combine_lanes(xx);
-    out[1] = combine_lanes(yy);
-    out[2] = combine_lanes(xy);
+    out[0] = lane_sum(x, x, np);
+    out[1] = lane_sum(y, y, np);
+    out[2] = lane_sum(x, y, np);
   }
 }
 
