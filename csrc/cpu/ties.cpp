@@ -61,8 +61,12 @@ inline float model_scope_merged(const float (&th)[NM], uint32_t fb_pos) {
     acc = acc + masked(th[i], agree);
     cnt += int32_t(agree & 1u);
   }
-  // cnt >= 0, so max(cnt, 1) is cnt + (cnt == 0): no branch, and the loop vectorises
-  if (kMean) acc = acc / float(cnt + int32_t(cnt == 0));
+  if (kMean) {
+    if (NM <= 2)  // cnt is 0, 1 or 2, and x / 2 == x * 0.5 exactly (the same real number, rounded once)
+      acc = acc * (cnt == 2 ? 0.5f : 1.0f);
+    else  // cnt >= 0, so max(cnt, 1) is cnt + (cnt == 0): no branch, and the loop vectorises
+      acc = acc / float(cnt + int32_t(cnt == 0));
+  }
   return acc;
 }
 
