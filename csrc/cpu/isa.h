@@ -31,9 +31,3 @@ inline bool use_avx512() { return kernel_isa() >= kAvx512; }
 #define PYMERGE_CLONE_AVX512 \
   __attribute__((target("avx2,f16c,avx512f,avx512bw,avx512vl,avx512dq,prefer-vector-width=512"), flatten))
 #endif
-
-namespace pymerge {
-namespace cpu {
-
-}  // namespace cpu
-}  // namespace pymerge

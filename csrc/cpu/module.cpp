@@ -19,7 +19,6 @@ namespace py = pybind11;
 using pymerge::bind::check_dtype;
 using pymerge::bind::check_ptr;
 
-
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pymerge CPU kernels (raw-buffer interface; use pymerge.backends.cpu)";
 
@@ -40,8 +39,9 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "_set_max_isa",
       [](const std::string& name) {
-        for (const auto isa : {pymerge::cpu::kGeneric, pymerge::cpu::kAvx2, pymerge::cpu::kAvx512})
-          if (name == pymerge::cpu::isa_name(isa)) return std::string(pymerge::cpu::isa_name(pymerge::cpu::set_max_isa(isa)));
+        namespace pc = pymerge::cpu;
+        for (const auto isa : {pc::kGeneric, pc::kAvx2, pc::kAvx512})
+          if (name == pc::isa_name(isa)) return std::string(pc::isa_name(pc::set_max_isa(isa)));
         throw py::value_error("_set_max_isa: expected generic, avx2 or avx512, got " + name);
       },
       py::arg("name"), "Run no clone above this level (avx512: no limit); returns the previous limit.");

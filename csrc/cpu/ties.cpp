@@ -180,9 +180,11 @@ struct SignSumPass {
 };
 
 // ties_merge_model when base, models and output share one dtype T and there are
-// at most 4 models (the usual case): load, threshold, elect, merge and round in
-// one loop per element, with no per-model rows in between. The same operations
-// in the same order as MergePass with ThresholdRows and ModelCombine.
+// at most kMaxFusedModels models (the usual case): load, threshold, elect, merge
+// and round in one loop per element, with no per-model rows in between. The same
+// operations in the same order as MergePass with ThresholdRows and ModelCombine.
+constexpr int64_t kMaxFusedModels = 8;
+
 template <int T, int NM, bool kMean>
 struct ModelScopeFusedPass {
   using S = typename Dtype<T>::storage;
@@ -227,7 +229,7 @@ struct ModelScopeFusedPass {
 // Runs ModelScopeFusedPass where it applies; false otherwise.
 bool ties_merge_model_fused(const Inputs& in, void* out, int out_dtype, const float* t, int fallback, float lam,
                             bool dis_mean, int64_t chunks) {
-  if (in.n > 4 || in.base_dtype != out_dtype) return false;
+  if (in.n < 1 || in.n > kMaxFusedModels || in.base_dtype != out_dtype) return false;
   for (int64_t i = 0; i < in.n; ++i)
     if (in.dtypes[i] != out_dtype) return false;
   const uint32_t fb_pos = mask_of(fallback > 0);
@@ -242,7 +244,11 @@ bool ties_merge_model_fused(const Inputs& in, void* out, int out_dtype, const fl
       case 1: return run(tag, std::integral_constant<int, 1>{}, mean);
       case 2: return run(tag, std::integral_constant<int, 2>{}, mean);
       case 3: return run(tag, std::integral_constant<int, 3>{}, mean);
-      default: return run(tag, std::integral_constant<int, 4>{}, mean);
+      case 4: return run(tag, std::integral_constant<int, 4>{}, mean);
+      case 5: return run(tag, std::integral_constant<int, 5>{}, mean);
+      case 6: return run(tag, std::integral_constant<int, 6>{}, mean);
+      case 7: return run(tag, std::integral_constant<int, 7>{}, mean);
+      default: return run(tag, std::integral_constant<int, 8>{}, mean);
     }
   };
   dispatch_dtype(out_dtype, [&](auto tag) {

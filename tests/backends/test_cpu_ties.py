@@ -145,16 +145,16 @@ def test_model_scope_threads_and_worked_example():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("merge", ["dis-mean", "dis-sum"])
 def test_model_scope_one_dtype(dtype, merge):
-    # Base, models and output of one dtype and up to 4 models take a fused per-element
-    # loop; 5 models, or another output dtype, the general pass. Both with plain and
+    # Base, models and output of one dtype and up to 8 models take a fused per-element
+    # loop; 9 models, or another output dtype, the general pass. Both with plain and
     # streamed stores, every clone and 1 or 2 threads.
     from pymerge import _C
 
     gen = torch.Generator().manual_seed(len(merge) + dtype.itemsize)
     for size in (1, 7, 1000, ODD):
-        base, ts = models(size, [dtype] * 5, gen, tiny=size > 7)
+        base, ts = models(size, [dtype] * 9, gen, tiny=size > 7)
         th = thresholds_for(base, ts, 0.4)
-        for n in (1, 2, 3, 4, 5):
+        for n in (1, 2, 3, 4, 5, 8, 9):
             for fallback, out_dtype in ((1, None), (-1, None), (0, torch.float32)):
                 kw = dict(lam=0.7, merge=merge, out_dtype=out_dtype)
                 ref = reference.ties_merge_model(base, ts[:n], th[:n], fallback, **kw)
