@@ -373,51 +373,49 @@ __attribute__((target("avx2"))) void unpack_words_avx2(const uint32_t* words, in
 }
 #endif
 
-constexpr int64_t kGrainWords = 1 << 14;
-
-}  // namespace
-
-// rows x n bytes (0/1) -> rows x ceil(n/32) words, last word zero-padded.
-void pack(const uint8_t* bits, int64_t rows, int64_t n, uint32_t* words) {
-  const int64_t nw = (n + 31) / 32, full = n / 32;
-  PackFn fn = pack_words_generic;
-#ifdef PYMERGE_EMR_X86_CLONES
-  if (use_avx2()) fn = pack_words_avx2;
-#endif
+// The rows x ceil(n/32) words split among threads: full(e, q, count) for a run of
+// whole words inside one row (first element e, first word q), partial(e, q, m)
+// for a row's last word when it holds m < 32 elements.
+template <class Full, class Partial>
+void for_word_runs(int64_t rows, int64_t n, const Full& full, const Partial& partial) {
+  constexpr int64_t kGrainWords = 1 << 14;
+  const int64_t nw = (n + 31) / 32, whole = n / 32;
   parallel_for(rows * nw, kGrainWords, [&](int64_t w0, int64_t w1) {
     for (int64_t q = w0; q < w1;) {
       const int64_t r = q / nw, w = q % nw;
-      const int64_t run = std::min(w1 - q, std::max<int64_t>(full - w, 0));  // full words left in this row
+      const int64_t run = std::min(w1 - q, std::max<int64_t>(whole - w, 0));
       if (run > 0) {
-        fn(bits + r * n + w * 32, run, words + q);
+        full(r * n + w * 32, q, run);
         q += run;
       } else {
-        words[q] = pack_word(bits + r * n + w * 32, n - w * 32);
+        partial(r * n + w * 32, q, n - w * 32);
         ++q;
       }
     }
   });
 }
 
+}  // namespace
+
+// rows x n bytes (0/1) -> rows x ceil(n/32) words, last word zero-padded.
+void pack(const uint8_t* bits, int64_t rows, int64_t n, uint32_t* words) {
+  PackFn fn = pack_words_generic;
+#ifdef PYMERGE_EMR_X86_CLONES
+  if (use_avx2()) fn = pack_words_avx2;
+#endif
+  for_word_runs(
+      rows, n, [&](int64_t e, int64_t q, int64_t count) { fn(bits + e, count, words + q); },
+      [&](int64_t e, int64_t q, int64_t m) { words[q] = pack_word(bits + e, m); });
+}
+
 void unpack(const uint32_t* words, int64_t rows, int64_t n, uint8_t* bits) {
-  const int64_t nw = (n + 31) / 32, full = n / 32;
   UnpackFn fn = unpack_words_generic;
 #ifdef PYMERGE_EMR_X86_CLONES
   if (use_avx2()) fn = unpack_words_avx2;
 #endif
-  parallel_for(rows * nw, kGrainWords, [&](int64_t w0, int64_t w1) {
-    for (int64_t q = w0; q < w1;) {
-      const int64_t r = q / nw, w = q % nw;
-      const int64_t run = std::min(w1 - q, std::max<int64_t>(full - w, 0));
-      if (run > 0) {
-        fn(words + q, run, bits + r * n + w * 32);
-        q += run;
-      } else {
-        unpack_word(words[q], bits + r * n + w * 32, n - w * 32);
-        ++q;
-      }
-    }
-  });
+  for_word_runs(
+      rows, n, [&](int64_t e, int64_t q, int64_t count) { fn(words + q, count, bits + e); },
+      [&](int64_t e, int64_t q, int64_t m) { unpack_word(words[q], bits + e, m); });
 }
 
 }  // namespace emr
