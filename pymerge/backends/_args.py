@@ -18,7 +18,7 @@ from pymerge.ops.reference.breadcrumbs import breadcrumbs_counts, check_breadcru
 from pymerge.ops.reference.dare import check_dare_args
 from pymerge.ops.reference.pcb import _check_ratio, _resolve_lambdas, pcb_clip_indices, pcb_score_index
 from pymerge.ops.reference.philox import _check_seed
-from pymerge.ops.reference.ties import CONSENSUS, MODEL_MERGE, TRIM_TIES, _check_choice, trim_count
+from pymerge.ops.reference.ties import CONSENSUS, MODEL_MERGE, TRIM_TIES, _check_choice, check_model_scope_args, trim_count
 
 
 def fp32(x: float) -> float:
@@ -176,14 +176,7 @@ def pcb_args(base, n: int, *, lam, lambdas, out_dtype, density=None, clip_ratio=
 
 def model_scope_args(base, tensors, thresholds) -> tuple[list[torch.Tensor], list[float]]:
     """The checked inputs and fp32 thresholds of model-scope TIES (ties_sign_sum, ties_merge_model)."""
-    if base is None:
-        raise ValueError("model-scope TIES needs a base tensor")
-    tensors = list(tensors)
-    check_inputs(tensors, base)
-    th = per_model(thresholds, len(tensors), "thresholds")
-    for t in th:
-        if not t >= 0.0:
-            raise ValueError(f"thresholds must be >= 0, got {t}")
+    tensors, th = check_model_scope_args(base, tensors, thresholds)
     return tensors, [fp32(t) for t in th]
 
 

@@ -9,7 +9,7 @@ import torch
 from pymerge.backends.triton._lib import check_device, flat, fp32, kernels
 from pymerge.ops.reference._common import FLOAT_DTYPES, check_inputs, resolve_out_dtype
 from pymerge.ops.reference.average import _check_out_dtype
-from pymerge.ops.reference.emr import EmrElect, _check_zero_sign, n_words
+from pymerge.ops.reference.emr import EmrElect, _check_zero_sign, check_reconstruct_shapes, n_words
 
 __all__ = ["emr_elect", "emr_reconstruct"]
 
@@ -53,12 +53,7 @@ def emr_reconstruct(
     k = kernels()
     if base.dtype not in FLOAT_DTYPES or u.dtype not in FLOAT_DTYPES:
         raise ValueError(f"emr_reconstruct: dtypes {base.dtype}, {u.dtype} must be fp32, fp16 or bf16")
-    if u.shape != base.shape:
-        raise ValueError(f"emr_reconstruct: u shape {tuple(u.shape)} != base shape {tuple(base.shape)}")
-    numel = base.numel()
-    if mask_words.dtype != torch.int32 or mask_words.dim() != 1 or mask_words.shape[0] != n_words(numel):
-        raise ValueError(f"emr_reconstruct: mask_words must be int32 [{n_words(numel)}], "
-                         f"got {mask_words.dtype} {tuple(mask_words.shape)}")
+    check_reconstruct_shapes(base, u, mask_words)
     device = check_device([base, u, mask_words])
     out_dtype = _check_out_dtype(base.dtype if out_dtype is None else out_dtype)
     out = torch.empty(base.shape, dtype=out_dtype, device=device)

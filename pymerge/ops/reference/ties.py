@@ -266,7 +266,9 @@ def _trim_at(tau: torch.Tensor, threshold: float) -> torch.Tensor:
     return torch.where(tau.abs() >= t, tau, torch.zeros((), dtype=torch.float32, device=tau.device))
 
 
-def _model_scope_inputs(base, tensors, thresholds):
+def check_model_scope_args(base, tensors, thresholds) -> tuple[list[torch.Tensor], list[float]]:
+    """Model-scope TIES's input checks (every backend raises the same errors): the inputs
+    as a list and the per-model thresholds."""
     if base is None:
         raise ValueError("model-scope TIES needs a base tensor")
     tensors = list(tensors)
@@ -275,6 +277,11 @@ def _model_scope_inputs(base, tensors, thresholds):
     for t in th:
         if not t >= 0.0:
             raise ValueError(f"thresholds must be >= 0, got {t}")
+    return tensors, th
+
+
+def _model_scope_inputs(base, tensors, thresholds):
+    tensors, th = check_model_scope_args(base, tensors, thresholds)
     tau = task_vectors(base, tensors)
     return tensors, torch.stack([_trim_at(tau[i], th[i]) for i in range(len(tensors))])
 
