@@ -42,6 +42,35 @@ inline void set_num_threads(int k) {
   detail::num_threads_setting().store(k > 0 ? k : 0, std::memory_order_relaxed);
 }
 
+namespace detail {
+// Runs work(t) for t = 1 .. k-1 on new threads and work(0) on the calling one,
+// then joins them. Workers run under the caller's floating-point environment
+// (rounding mode, flush-to-zero), so the thread count cannot change results.
+// Returns how many of the k ran: when the system cannot start another thread,
+// work(t) for t >= the returned count was never called. work must not throw.
+template <class Work>
+int64_t run_workers(int64_t k, const Work& work) {
+  std::fenv_t env;
+  std::fegetenv(&env);
+  std::vector<std::thread> workers;
+  workers.reserve(static_cast<size_t>(k - 1));
+  int64_t started = 1;
+  for (; started < k; ++started) {
+    try {
+      workers.emplace_back([&, t = started] {
+        std::fesetenv(&env);
+        work(t);
+      });
+    } catch (...) {
+      break;
+    }
+  }
+  work(int64_t(0));
+  for (auto& w : workers) w.join();
+  return started;
+}
+}  // namespace detail
+
 // Calls fn(begin, end) over [0, n) in at most get_num_threads() contiguous
 // chunks of at least `grain` items; with a single chunk it runs inline on the
 // calling thread. Exceptions from any chunk are rethrown (the first by chunk
@@ -57,12 +86,6 @@ void parallel_for(int64_t n, int64_t grain, const Fn& fn) {
     return;
   }
   auto chunk_begin = [n, k](int64_t t) { return t * n / k; };
-
-  // Workers run under the caller's floating-point environment (rounding mode,
-  // flush-to-zero), so the thread count cannot change results.
-  std::fenv_t env;
-  std::fegetenv(&env);
-
   std::vector<std::exception_ptr> errors(static_cast<size_t>(k));
   auto run_chunk = [&](int64_t t) {
     try {
@@ -71,23 +94,8 @@ void parallel_for(int64_t n, int64_t grain, const Fn& fn) {
       errors[static_cast<size_t>(t)] = std::current_exception();
     }
   };
-
-  std::vector<std::thread> workers;
-  workers.reserve(static_cast<size_t>(k - 1));
-  int64_t spawned = 1;
-  for (; spawned < k; ++spawned) {
-    try {
-      workers.emplace_back([&, spawned] {
-        std::fesetenv(&env);
-        run_chunk(spawned);
-      });
-    } catch (...) {
-      break;  // cannot start more threads: the caller runs the rest
-    }
-  }
-  run_chunk(0);
-  for (int64_t t = spawned; t < k; ++t) run_chunk(t);
-  for (auto& w : workers) w.join();
+  // Chunks whose thread could not be started run on the caller.
+  for (int64_t t = detail::run_workers(k, run_chunk); t < k; ++t) run_chunk(t);
   for (auto& e : errors)
     if (e) std::rethrow_exception(e);
 }
@@ -108,8 +116,6 @@ void parallel_for_dynamic(int64_t n, int64_t grain, const Fn& fn) {
     fn(int64_t(0), n);
     return;
   }
-  std::fenv_t env;
-  std::fegetenv(&env);
   std::atomic<int64_t> next{0};
   std::atomic<bool> failed{false};
   std::exception_ptr error;
@@ -124,20 +130,8 @@ void parallel_for_dynamic(int64_t n, int64_t grain, const Fn& fn) {
       }
     }
   };
-  std::vector<std::thread> workers;
-  workers.reserve(static_cast<size_t>(k - 1));
-  for (int64_t t = 1; t < k; ++t) {
-    try {
-      workers.emplace_back([&] {
-        std::fesetenv(&env);
-        work();
-      });
-    } catch (...) {
-      break;  // cannot start more threads: the others take the pieces
-    }
-  }
-  work();
-  for (auto& w : workers) w.join();
+  // Threads that could not be started leave their pieces to the others.
+  detail::run_workers(k, [&](int64_t) { work(); });
   if (error) std::rethrow_exception(error);
 }
 
