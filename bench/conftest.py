@@ -26,10 +26,16 @@ _STATE: dict = {}
 
 @pytest.fixture(scope="session")
 def copy_bw() -> dict[str, float]:
-    """The machine's copy bandwidth, measured once per session."""
+    """The machine's copy bandwidth at the start of the session (the header's figure)."""
     if "copy" not in _STATE:
         _STATE["copy"] = benchlib.copy_bandwidth()
     return _STATE["copy"]
+
+
+@pytest.fixture(scope="session")
+def copy_probe() -> benchlib.CopyProbe:
+    """The copy timed before each benchmark round: the bound of each case's "% of copy"."""
+    return benchlib.CopyProbe()
 
 
 @pytest.fixture(scope="session")
@@ -67,14 +73,15 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         f"machine: {benchlib.machine_line()}",
         f"date: {time.strftime('%Y-%m-%d %H:%M %Z')}",
         f"command: {benchlib.command_line(sys.argv)}",
-        f"copy bandwidth (read + write, {bw['bytes'] // 2 // benchlib.MIB} MiB buffer): {bw['copy_gbs']:.2f} GB/s "
-        f"into a preallocated tensor, {bw['alloc_copy_gbs']:.2f} GB/s with torch.empty_like(x).copy_(x)",
+        f"copy bandwidth (read + write, {bw['bytes'] // 2 // benchlib.MIB} MiB buffer) at the start: {bw['copy_gbs']:.2f} GB/s "
+        f"into a preallocated tensor, {bw['alloc_copy_gbs']:.2f} GB/s with torch.empty_like(x).copy_(x); "
+        "'copy GB/s' in the tables: the same copy timed before each of the case's rounds, the bound of '% of copy'",
         f"inputs: bf16, tensors [n / {benchlib.ROW}, {benchlib.ROW}]; GB/s from the median and the op's minimum traffic "
         "(bench/benchlib.py)",
     ]
     if missing:
         lines.append(f"ops without a cpu kernel (torch only): {', '.join(missing)}")
-    text = "\n".join(lines) + "\n\n" + benchlib.markdown_tables(_RESULTS, bw["copy_gbs"])
+    text = "\n".join(lines) + "\n\n" + benchlib.markdown_tables(_RESULTS)
     terminalreporter.write_sep("=", "pymerge op throughput")
     for line in text.splitlines():
         terminalreporter.write_line(line)

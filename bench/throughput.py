@@ -6,7 +6,7 @@
 
 Columns: backend, k (models), size (elements per tensor), median ms, rounds
 timed, GB/s (the op's minimum traffic, see bench/benchlib.py, over the median),
-% of the machine's copy bandwidth (measured first), speed-up vs the torch
+the copy bandwidth measured between the case's rounds, % of it, speed-up vs the torch
 reference (torch eager). The cpu backend is run for the ops it implements at
 run time. No pytest needed; the same cases as bench/test_ops_bench.py.
 """
@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     bw = benchlib.copy_bandwidth()
     print(f"copy bandwidth: {bw['copy_gbs']:.2f} GB/s (alloc + copy {bw['alloc_copy_gbs']:.2f} GB/s)", flush=True)
 
+    probe = benchlib.CopyProbe()
     results: list[benchlib.Result] = []
     errors: list[str] = []
     t0 = time.perf_counter()
@@ -75,15 +76,17 @@ def main(argv: list[str] | None = None) -> int:
                     try:
                         fn, first = benchlib.checked_call(case, inputs, k, backend)
                         rounds = benchlib.rounds_for(first)
-                        median = benchlib.time_call(fn, rounds)
+                        probe.restart()
+                        median = benchlib.time_call(fn, rounds, probe)
                     except Exception as exc:  # one broken kernel must not end the whole run
                         errors.append(f"{case.name} {backend} k={k} {benchlib.fmt_count(n)}: {type(exc).__name__}: {exc}")
                         print(f"  ERROR {errors[-1]}", file=sys.stderr, flush=True)
                         continue
-                    r = benchlib.Result(case.name, backend, k, n, median, rounds, case.traffic(n, k))
+                    r = benchlib.Result(case.name, backend, k, n, median, rounds, case.traffic(n, k), probe.gbs())
                     results.append(r)
                     print(f"  {case.name:22s} {backend:6s} k={k if k is not None else '-'} {benchlib.fmt_count(n):>4s} "
-                          f"{median * 1e3:10.3f} ms {r.gbs:7.2f} GB/s", file=sys.stderr, flush=True)
+                          f"{median * 1e3:10.3f} ms {r.gbs:7.2f} GB/s {r.pct_of_copy:6.1f}% of copy",
+                          file=sys.stderr, flush=True)
         del inputs
     elapsed = time.perf_counter() - t0
 
@@ -94,8 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         f"- machine: {benchlib.machine_line()}",
         f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}",
         f"- command: `{command}`",
-        f"- copy bandwidth (read + write, {bw['bytes'] // 2 // benchlib.MIB} MiB buffer): {bw['copy_gbs']:.2f} GB/s "
-        f"into a preallocated tensor; {bw['alloc_copy_gbs']:.2f} GB/s with torch.empty_like(x).copy_(x)",
+        f"- copy bandwidth (read + write, {bw['bytes'] // 2 // benchlib.MIB} MiB buffer) at the start: {bw['copy_gbs']:.2f} GB/s "
+        f"into a preallocated tensor; {bw['alloc_copy_gbs']:.2f} GB/s with torch.empty_like(x).copy_(x). "
+        "'copy GB/s' in the tables: the same copy timed before each of the case's rounds, the bound of '% of copy'",
         f"- inputs: bf16 tensors [n / {benchlib.ROW}, {benchlib.ROW}]; GB/s = minimum traffic (bench/benchlib.py) / median; "
         "'vs torch' = torch reference median / this median",
         f"- run time: {elapsed:.0f} s",
@@ -104,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         header.append(f"- ops without a cpu kernel at this time (torch only): {', '.join(missing)}")
     for e in errors:
         header.append(f"- ERROR (not timed): {e}")
-    text = "\n".join(header) + "\n\n" + benchlib.markdown_tables(results, bw["copy_gbs"])
+    text = "\n".join(header) + "\n\n" + benchlib.markdown_tables(results)
     print()
     print(text)
     if args.out:
