@@ -9,7 +9,8 @@
 //   a_i = (g * tau_i) > 0;  e = max over a_i of |tau_i| (+0 if none);  u = g * e
 // u is rounded once to the output dtype; a_i goes to bit (p % 32) of word p / 32
 // of plane i. One pass over the inputs: each block of kBlock elements is
-// upcast once into stack buffers and every output is produced from there.
+// upcast once into stack buffers and every output is produced from there
+// (with one dtype and up to 8 models, one loop per element; fused_elect_blocks).
 //
 // The fp64 sums (sum |tau_i| and sum a_i |u|) are made independent of the
 // thread count and of the instruction set: each block is summed in kLanes
@@ -54,7 +55,7 @@ namespace {
 // Multiple of 32, so blocks (and therefore thread ranges) never share a mask word.
 constexpr int64_t kBlock = 1024;
 constexpr int64_t kGrainBlocks = 64;  // >= 64K elements per thread (per piece in reconstruct)
-constexpr int kLanes = 8;
+constexpr int kLanes = 16;  // fp64 lanes of the sums: two AVX-512 (four AVX2) accumulators, not one serial chain
 static_assert(kBlock % 32 == 0 && 32 % kLanes == 0, "block layout");
 
 template <int T>
@@ -77,9 +78,16 @@ inline void store_any(int tag, void* dst, int64_t off, const float* __restrict s
 
 inline float select_f32(bool c, float a, float b) { return f32_from_bits(select_u32(c, f32_to_bits(a), f32_to_bits(b))); }
 
-// Fixed combination of the lanes: the same tree in every clone.
-inline double combine_lanes(const double* l) {
-  return ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
+// sum_j value(j) over j < np (a multiple of kLanes) in kLanes fixed lanes, then
+// the lanes halved in a fixed tree: the same order in every clone.
+template <class Value>
+inline double lane_sum(int64_t np, const Value& value) {
+  double l[kLanes] = {};
+  for (int64_t j = 0; j < np; j += kLanes)
+    for (int k = 0; k < kLanes; ++k) l[k] += double(value(j + k));
+  for (int w = kLanes / 2; w >= 1; w /= 2)
+    for (int k = 0; k < w; ++k) l[k] = l[k] + l[k + w];
+  return l[0];
 }
 
 // Neumaier-compensated sum of v[0], v[stride], ... in order; a non-finite
@@ -112,30 +120,22 @@ struct ElectArgs {
 };
 
 // tau = f32(x) - b into t, s = s + tau, and the fp64 sum of |tau| (returned),
-// in one sweep over np elements (b and the tail of t beyond n are zero padding).
+// over np elements (b and the tail of t beyond n are zero padding).
 template <int T>
 inline double tau_sweep(float* __restrict t, float* __restrict s, const float* __restrict b, const void* src,
                         int64_t off, int64_t n, int64_t np) {
   const auto* __restrict p = static_cast<const typename Dtype<T>::storage*>(src) + off;
-  double lanes[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      const float x = Dtype<T>::load(p[j + l]) - b[j + l];
-      t[j + l] = x;
-      s[j + l] = s[j + l] + x;
-      lanes[l] += double(std::fabs(x));
-    }
+  for (int64_t j = 0; j < n; ++j) {
+    const float x = Dtype<T>::load(p[j]) - b[j];
+    t[j] = x;
+    s[j] = s[j] + x;
   }
-  for (; j < np; j += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      const float x = (j + l < n ? Dtype<T>::load(p[j + l]) : 0.0f) - b[j + l];
-      t[j + l] = x;
-      s[j + l] = s[j + l] + x;
-      lanes[l] += double(std::fabs(x));
-    }
+  for (int64_t j = n; j < np; ++j) {
+    const float x = 0.0f - b[j];
+    t[j] = x;
+    s[j] = s[j] + x;
   }
-  return combine_lanes(lanes);
+  return lane_sum(np, [&](int64_t j) { return std::fabs(t[j]); });
 }
 
 inline double dispatch_tau(int tag, float* t, float* s, const float* b, const void* src, int64_t off, int64_t n,
@@ -145,8 +145,92 @@ inline double dispatch_tau(int tag, float* t, float* s, const float* b, const vo
   return r;
 }
 
+// emr_elect when base, models and u share one dtype T and there are at most
+// kMaxFusedModels models (the usual case): load, elect and round u in one loop
+// per element, with no task-vector rows in between. Per model the loop keeps
+// w = |tau| with the sign bit set where the model agrees; the mask words and
+// both fp64 sums are made from w as elect_blocks makes them from its rows, so
+// every output has the same bits.
+constexpr int64_t kMaxFusedModels = 8;
+
+inline bool agrees(float w) { return (f32_to_bits(w) >> 31) != 0u; }
+
+template <int T, int NM, bool kSignZero>
+void fused_elect_blocks(const ElectArgs& a, int64_t blk0, int64_t blk1) {
+  using S = typename Dtype<T>::storage;
+  const S* __restrict base = static_cast<const S*>(a.base);
+  const S* __restrict m[NM];
+  for (int i = 0; i < NM; ++i) m[i] = static_cast<const S*>(a.inputs[i]);
+  S* __restrict u = static_cast<S*>(a.u);
+  alignas(64) float w[NM][kBlock];
+  alignas(64) float e[kBlock];
+  for (int64_t blk = blk0; blk < blk1; ++blk) {
+    const int64_t off = blk * kBlock;
+    const int64_t n = std::min(kBlock, a.numel - off);
+    const int64_t np = (n + 31) & ~int64_t(31);  // padding as in elect_blocks: w = +0, e = +0
+    for (int64_t j = 0; j < n; ++j) {
+      const float b = Dtype<T>::load(base[off + j]);
+      float t[NM];
+      float s = 0.0f;
+      for (int i = 0; i < NM; ++i) {
+        t[i] = Dtype<T>::load(m[i][off + j]) - b;
+        s = s + t[i];
+      }
+      const float neg = kSignZero ? select_f32(s < 0.0f, -1.0f, 0.0f) : -1.0f;
+      const float g = select_f32(s > 0.0f, 1.0f, neg);
+      float ej = 0.0f;
+      for (int i = 0; i < NM; ++i) {
+        const bool ag = g * t[i] > 0.0f;
+        const float v = select_f32(ag, std::fabs(t[i]), 0.0f);
+        ej = v > ej ? v : ej;
+        w[i][j] = f32_from_bits(f32_to_bits(std::fabs(t[i])) | (uint32_t(ag) << 31));
+      }
+      e[j] = ej;
+      u[off + j] = Dtype<T>::store(g * ej);
+    }
+    for (int64_t j = n; j < np; ++j) {
+      e[j] = 0.0f;
+      for (int i = 0; i < NM; ++i) w[i][j] = 0.0f;
+    }
+    for (int i = 0; i < NM; ++i) {
+      const float* __restrict wi = w[i];
+      a.blk_tau[blk * NM + i] = lane_sum(np, [&](int64_t j) { return std::fabs(wi[j]); });
+      uint32_t* __restrict words = a.masks + i * a.n_words + off / 32;
+      for (int64_t q = 0; q < np / 32; ++q) {
+        uint32_t word = 0;
+        for (int k = 0; k < 32; ++k) word |= uint32_t(agrees(wi[q * 32 + k])) << k;
+        words[q] = word;
+      }
+      a.blk_u[blk * NM + i] = lane_sum(np, [&](int64_t j) { return select_f32(agrees(wi[j]), e[j], 0.0f); });
+    }
+  }
+}
+
+// Runs fused_elect_blocks where it applies; false otherwise.
+template <bool kSignZero>
+inline bool fused_elect(const ElectArgs& a, int64_t blk0, int64_t blk1) {
+  if (a.n_models < 1 || a.n_models > kMaxFusedModels || a.u_dtype != a.base_dtype) return false;
+  for (int64_t i = 0; i < a.n_models; ++i)
+    if (a.in_dtypes[i] != a.base_dtype) return false;
+  dispatch_dtype(a.base_dtype, [&](auto tag) {
+    constexpr int T = decltype(tag)::value;
+    switch (a.n_models) {
+      case 1: return fused_elect_blocks<T, 1, kSignZero>(a, blk0, blk1);
+      case 2: return fused_elect_blocks<T, 2, kSignZero>(a, blk0, blk1);
+      case 3: return fused_elect_blocks<T, 3, kSignZero>(a, blk0, blk1);
+      case 4: return fused_elect_blocks<T, 4, kSignZero>(a, blk0, blk1);
+      case 5: return fused_elect_blocks<T, 5, kSignZero>(a, blk0, blk1);
+      case 6: return fused_elect_blocks<T, 6, kSignZero>(a, blk0, blk1);
+      case 7: return fused_elect_blocks<T, 7, kSignZero>(a, blk0, blk1);
+      default: return fused_elect_blocks<T, 8, kSignZero>(a, blk0, blk1);
+    }
+  });
+  return true;
+}
+
 template <bool kSignZero>
 inline void elect_blocks(const ElectArgs& a, int64_t blk0, int64_t blk1) {
+  if (fused_elect<kSignZero>(a, blk0, blk1)) return;
   const int64_t N = a.n_models;
   // All N task vectors of a block stay resident: 4 KiB per model. After the
   // election a model's slot holds its agreement mask (all ones / zero bits).
@@ -195,10 +279,7 @@ inline void elect_blocks(const ElectArgs& a, int64_t blk0, int64_t blk1) {
     // sum_p a_i |u_p|, with |u| = e wherever some model agrees.
     for (int64_t i = 0; i < N; ++i) {
       const float* __restrict m = tau + i * kBlock;
-      double lanes[kLanes] = {};
-      for (int64_t j = 0; j < np; j += kLanes)
-        for (int l = 0; l < kLanes; ++l) lanes[l] += double(f32_from_bits(f32_to_bits(m[j + l]) & f32_to_bits(e[j + l])));
-      a.blk_u[blk * N + i] = combine_lanes(lanes);
+      a.blk_u[blk * N + i] = lane_sum(np, [&](int64_t j) { return f32_from_bits(f32_to_bits(m[j]) & f32_to_bits(e[j])); });
     }
   }
 }

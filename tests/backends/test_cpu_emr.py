@@ -93,6 +93,25 @@ def test_elect_models_and_mixed_dtypes(n_models, zero_sign):
         check_elect(base, tensors, zero_sign=zero_sign, out_dtype=out_dtype)
 
 
+@pytest.mark.parametrize("n_models", range(1, 10))
+@pytest.mark.parametrize("zero_sign", ["neg", "zero"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_elect_one_dtype_pass_equals_general_pass(n_models, zero_sign, dtype):
+    # Base, models and u of one dtype with 1-8 models take the one-loop pass; the
+    # same values with an fp32 base (a lossless upcast) take the general pass.
+    # Every output, the fp64 sums included, has the same bits. 9 models: general.
+    gen = torch.Generator().manual_seed(30 + n_models)
+    base, tensors = fine_tunes(2 * GRAIN + BLOCK // 2 + 45, n_models, [dtype], gen, base_dtype=dtype)  # 2 threads' ranges
+    base[:300], tensors[0][:300] = base[300:600], base[300:600]  # tau == 0 runs, s == 0 when one model
+    for threads in (1, 2):
+        cpu.set_num_threads(threads)
+        one = check_elect(base, tensors, zero_sign=zero_sign)
+        general = check_elect(base.float(), tensors, zero_sign=zero_sign, out_dtype=dtype)
+        assert_bits_equal(one.u, general.u)
+        assert torch.equal(one.masks, general.masks)
+        assert_sums_identical(one, general)
+
+
 @pytest.mark.parametrize("n_models", [1, 2, 3, 8])
 @pytest.mark.parametrize("zero_sign", ["neg", "zero"])
 def test_elect_exact_ties(n_models, zero_sign):
@@ -354,10 +373,15 @@ if given is not None:
         out_dtype=st.sampled_from(DTYPES),
         zero_sign=st.sampled_from(["neg", "zero"]),
         grid=st.booleans(),
+        one_dtype=st.booleans(),
         lam=st.floats(-3, 3, allow_nan=False),
         seed=st.integers(0, 2**31 - 1),
     )
-    def test_property_elect_and_reconstruct(shape, in_dtypes, base_dtype, out_dtype, zero_sign, grid, lam, seed):
+    def test_property_elect_and_reconstruct(shape, in_dtypes, base_dtype, out_dtype, zero_sign, grid, one_dtype, lam,
+                                            seed):
+        if one_dtype:  # the one-loop pass (up to 8 models)
+            in_dtypes = [base_dtype] * len(in_dtypes)
+            out_dtype = base_dtype
         gen = torch.Generator().manual_seed(seed)
         size = math.prod(shape)
         if grid:  # coarse values: ties, zeros and s == 0 everywhere
