@@ -11,7 +11,9 @@
 // are, so skipping that addition gives the same bits.
 //
 // Work items are (output row, column tile): the source row P_i[r] of every
-// model is contiguous and stays in cache while the tile gathers from it.
+// model is contiguous; up to kRowCols columns it is upcast whole into a
+// per-thread buffer (requested one output row ahead), which the tiles of the
+// row gather from.
 // A 1-D tensor is one row whose columns are mapped by the row maps.
 
 #include <algorithm>
@@ -75,27 +77,64 @@ inline void add_contiguous(float* __restrict acc, const void* row, int64_t c0, i
 // Gathers through q into a staging buffer (scalar: no 16-bit gathers), then
 // adds in a vectorised sweep; -1 adds +0 (same bits as skipping, see the
 // header) and its read index is clamped so that it never reads out of bounds.
-template <int T>
+// load(k): element k of the source row as fp32.
+template <class Load>
 inline void add_gathered(float* __restrict acc, float* __restrict cov, float* __restrict stage, bool with_cov,
-                         const void* row, const int64_t* __restrict q, int64_t n, float ci) {
-  const auto* __restrict p = static_cast<const typename Dtype<T>::storage*>(row);
+                         const Load& load, const int64_t* __restrict q, int64_t n, float ci) {
   for (int64_t j = 0; j < n; ++j) {
     const int64_t k = q[j];
-    stage[j] = Dtype<T>::load(p[k < 0 ? 0 : k]);
+    stage[j] = load(k < 0 ? 0 : k);
   }
   for (int64_t j = 0; j < n; ++j) acc[j] = acc[j] + select_f32(q[j] >= 0, ci * stage[j], 0.0f);
   if (with_cov)
     for (int64_t j = 0; j < n; ++j) cov[j] = cov[j] + select_f32(q[j] >= 0, ci, 0.0f);
 }
 
+// A gathered source row of at most kRowCols elements is first upcast whole into
+// a per-thread buffer, in one sequential sweep the hardware prefetcher follows,
+// and the gathers then read that buffer from cache: gathering straight from a
+// row in memory waits on a cache miss for every new line it touches. The row is
+// kept while the next items read the same one (the tiles of one output row).
+constexpr int64_t kRowCols = 16384;
+
+inline bool row_staged(const Model& m) { return m.qmap && m.cols <= kRowCols; }
+
+template <int T>
+inline void upcast_row(float* __restrict dst, const void* row, int64_t n) {
+  const auto* __restrict p = static_cast<const typename Dtype<T>::storage*>(row);
+  for (int64_t j = 0; j < n; ++j) dst[j] = Dtype<T>::load(p[j]);
+}
+
 inline void run_items(const Args& a, int64_t item0, int64_t item1) {
   alignas(64) float acc[kTile];
   alignas(64) float cov[kTile];
   alignas(64) float stage[kTile];
+  // Per model: where its staged row starts in rows_f (-1: not staged) and which source row it holds.
+  std::vector<int64_t> at(size_t(a.n_models), -1), held(size_t(a.n_models), -1);
+  int64_t staged_cols = 0;
+  for (int64_t i = 0; i < a.n_models; ++i)
+    if (row_staged(a.models[i])) {
+      at[size_t(i)] = staged_cols;
+      staged_cols += a.models[i].cols;
+    }
+  std::vector<float> rows_f(static_cast<size_t>(staged_cols));
   for (int64_t item = item0; item < item1; ++item) {
     const int64_t r = item / a.n_tiles;
     const int64_t c0 = (item % a.n_tiles) * kTile;
     const int64_t n = std::min(kTile, a.n_cols - c0);
+    // The staged source rows of the next output row are requested ahead of their
+    // upcast: rows sit at random places, and a row of a few KiB is over before
+    // the hardware prefetcher has followed it. (Written here, not in a helper: gcc
+    // takes a function of prefetches alone for one without effects and drops its calls.)
+    if (c0 == 0 && r + 1 < a.n_rows)
+      for (int64_t i = 0; i < a.n_models; ++i) {
+        const Model& m = a.models[i];
+        const int64_t pr = m.pmap ? m.pmap[r + 1] : r + 1;
+        if (at[size_t(i)] < 0 || pr < 0) continue;
+        const int64_t bytes = m.cols * int64_t(dtype_size(m.dtype));
+        const char* next = static_cast<const char*>(m.data) + pr * bytes;
+        for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(next + b, 0, 3);
+      }
     for (int64_t j = 0; j < n; ++j) acc[j] = 0.0f;
     if (a.normalize)
       for (int64_t j = 0; j < n; ++j) cov[j] = 0.0f;
@@ -107,9 +146,17 @@ inline void run_items(const Args& a, int64_t item0, int64_t item1) {
       const float ci = m.coeff;
       dispatch_dtype(m.dtype, [&](auto t) {
         constexpr int T = decltype(t)::value;
-        const void* row = static_cast<const typename Dtype<T>::storage*>(m.data) + pr * m.cols;
-        if (m.qmap) {
-          add_gathered<T>(acc, cov, stage, a.normalize, row, m.qmap + c0, n, ci);
+        const auto* row = static_cast<const typename Dtype<T>::storage*>(m.data) + pr * m.cols;
+        if (at[size_t(i)] >= 0) {
+          float* rf = rows_f.data() + at[size_t(i)];
+          if (held[size_t(i)] != pr) {
+            upcast_row<T>(rf, row, m.cols);
+            held[size_t(i)] = pr;
+          }
+          add_gathered(acc, cov, stage, a.normalize, [rf](int64_t k) { return rf[k]; }, m.qmap + c0, n, ci);
+        } else if (m.qmap) {
+          add_gathered(acc, cov, stage, a.normalize, [row](int64_t k) { return Dtype<T>::load(row[k]); },
+                       m.qmap + c0, n, ci);
         } else {
           add_contiguous<T>(acc, row, c0, n, ci);
           if (a.normalize)

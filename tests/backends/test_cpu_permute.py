@@ -16,6 +16,7 @@ from .cases import CPU, DTYPES, each_isa
 pytestmark = [*CPU.marks, pytest.mark.usefixtures("torch_one_thread")]
 
 TILE = 1024  # kernel: work items are (row, tile of 1024 columns)
+ROW_COLS = 16384  # kernel: gathered source rows up to this long are upcast whole first
 SIZES_1D = [0, 1, 31, 32, 33, 1000, 65537, 3 * TILE + 5]
 SHAPES_2D = [(0, 5), (5, 0), (1, 1), (31, 33), (32, 32), (33, 31), (7, 3 * TILE + 5), (300, 77)]
 
@@ -84,6 +85,20 @@ def test_different_model_sizes():
     cols = [None, perm_map(30, gen, src=40, holes=0.2), torch.full((30,), -1, dtype=torch.int32), None]
     for normalize in (False, True):
         check(ws, [1.0, 0.5, 2.0, 3.0], rows, cols, normalize_coverage=normalize)
+
+
+def test_wide_and_repeated_source_rows():
+    # Gathered source rows of up to ROW_COLS columns are upcast whole and kept while
+    # the next tiles (and next output rows mapped to the same source row) read them;
+    # wider ones are gathered straight from memory. Both kinds in one call.
+    gen = torch.Generator().manual_seed(9)
+    wide = ROW_COLS + 3
+    ws = [torch.randn(6, wide, generator=gen), torch.randn(4, ROW_COLS, generator=gen).bfloat16(),
+          torch.randn(5, 700, generator=gen).half()]
+    rows = [None, torch.tensor([0, 0, 3, 3, 3, -1]), torch.tensor([4, 1, 1, 0, 4, 4])]
+    cols = [perm_map(wide, gen, holes=0.1), perm_map(wide, gen, src=ROW_COLS), perm_map(wide, gen, src=700)]
+    for normalize in (False, True):
+        check(ws, [0.5, -1.0, 2.0], rows, cols, normalize_coverage=normalize)
 
 
 def test_coverage_and_signed_zeros():
