@@ -226,35 +226,78 @@ struct ModelScopeFusedPass {
   }
 };
 
+// ties_sign_sum in one loop per element when base and models share one dtype T
+// and there are at most kMaxFusedModels models: the sum S in the same order as
+// SignSumPass, without the block of partial sums.
+template <int T, int NM>
+struct SignSumFusedPass {
+  using S = typename Dtype<T>::storage;
+  const Inputs* in;
+  const float* t;
+  int64_t chunks;
+  int64_t* totals;
+
+  void chunk(int64_t c) const {
+    const S* __restrict base = static_cast<const S*>(in->base);
+    const S* __restrict m[NM];
+    float ti[NM];
+    for (int i = 0; i < NM; ++i) {
+      m[i] = static_cast<const S*>(in->models[i]);
+      ti[i] = t[i];
+    }
+    int64_t total = 0;
+    const int64_t begin = chunk_begin(in->numel, chunks, c), end = chunk_begin(in->numel, chunks, c + 1);
+    for (int64_t off = begin; off < end; off += kBlock) {
+      const int64_t n = std::min(kBlock, end - off);
+      int32_t part = 0;  // |part| <= kBlock
+      for (int64_t j = 0; j < n; ++j) {
+        const float b = Dtype<T>::load(base[off + j]);
+        float sum = 0.0f;
+        for (int i = 0; i < NM; ++i) sum = sum + thresholded(Dtype<T>::load(m[i][off + j]) - b, ti[i]);
+        part += int32_t(sum > 0.0f) - int32_t(sum < 0.0f);
+      }
+      total += part;
+    }
+    totals[c] = total;
+  }
+};
+
+// Calls run(dtype tag, model count as an integral_constant) when base and models
+// share one dtype and there are 1 to kMaxFusedModels models; false otherwise.
+template <class Run>
+bool with_one_dtype(const Inputs& in, const Run& run) {
+  if (in.n < 1 || in.n > kMaxFusedModels) return false;
+  for (int64_t i = 0; i < in.n; ++i)
+    if (in.dtypes[i] != in.base_dtype) return false;
+  dispatch_dtype(in.base_dtype, [&](auto tag) {
+    switch (in.n) {
+      case 1: return run(tag, std::integral_constant<int, 1>{});
+      case 2: return run(tag, std::integral_constant<int, 2>{});
+      case 3: return run(tag, std::integral_constant<int, 3>{});
+      case 4: return run(tag, std::integral_constant<int, 4>{});
+      case 5: return run(tag, std::integral_constant<int, 5>{});
+      case 6: return run(tag, std::integral_constant<int, 6>{});
+      case 7: return run(tag, std::integral_constant<int, 7>{});
+      default: return run(tag, std::integral_constant<int, 8>{});
+    }
+  });
+  return true;
+}
+
 // Runs ModelScopeFusedPass where it applies; false otherwise.
 bool ties_merge_model_fused(const Inputs& in, void* out, int out_dtype, const float* t, int fallback, float lam,
                             bool dis_mean, int64_t chunks) {
-  if (in.n < 1 || in.n > kMaxFusedModels || in.base_dtype != out_dtype) return false;
-  for (int64_t i = 0; i < in.n; ++i)
-    if (in.dtypes[i] != out_dtype) return false;
+  if (in.base_dtype != out_dtype) return false;
   const uint32_t fb_pos = mask_of(fallback > 0);
   const bool stream = use_avx2() && stream_output(in.numel, int64_t(dtype_size(out_dtype)));
-  auto run = [&](auto tag, auto nm, auto mean) {
-    run_chunks(ModelScopeFusedPass<decltype(tag)::value, decltype(nm)::value, decltype(mean)::value>{
-                   &in, out, t, fb_pos, lam, chunks, stream},
-               chunks);
-  };
-  auto with_nm = [&](auto tag, auto mean) {
-    switch (in.n) {
-      case 1: return run(tag, std::integral_constant<int, 1>{}, mean);
-      case 2: return run(tag, std::integral_constant<int, 2>{}, mean);
-      case 3: return run(tag, std::integral_constant<int, 3>{}, mean);
-      case 4: return run(tag, std::integral_constant<int, 4>{}, mean);
-      case 5: return run(tag, std::integral_constant<int, 5>{}, mean);
-      case 6: return run(tag, std::integral_constant<int, 6>{}, mean);
-      case 7: return run(tag, std::integral_constant<int, 7>{}, mean);
-      default: return run(tag, std::integral_constant<int, 8>{}, mean);
-    }
-  };
-  dispatch_dtype(out_dtype, [&](auto tag) {
-    dis_mean ? with_nm(tag, std::true_type{}) : with_nm(tag, std::false_type{});
+  return with_one_dtype(in, [&](auto tag, auto nm) {
+    auto run = [&](auto mean) {
+      run_chunks(ModelScopeFusedPass<decltype(tag)::value, decltype(nm)::value, decltype(mean)::value>{
+                     &in, out, t, fb_pos, lam, chunks, stream},
+                 chunks);
+    };
+    dis_mean ? run(std::true_type{}) : run(std::false_type{});
   });
-  return true;
 }
 
 }  // namespace
@@ -275,8 +318,15 @@ int64_t ties_sign_sum(const Inputs& in, const std::vector<float>& thresholds) {
   if (in.numel <= 0) return 0;
   const int64_t chunks = chunk_count(in.numel);
   std::vector<int64_t> totals(static_cast<size_t>(chunks), 0);
-  const ThresholdRows rows{thresholds.data()};
-  run_chunks(SignSumPass{&in, &rows, chunks, totals.data()}, chunks);
+  const bool fused = with_one_dtype(in, [&](auto tag, auto nm) {
+    run_chunks(SignSumFusedPass<decltype(tag)::value, decltype(nm)::value>{&in, thresholds.data(), chunks,
+                                                                             totals.data()},
+               chunks);
+  });
+  if (!fused) {
+    const ThresholdRows rows{thresholds.data()};
+    run_chunks(SignSumPass{&in, &rows, chunks, totals.data()}, chunks);
+  }
   int64_t total = 0;
   for (int64_t t : totals) total += t;
   return total;

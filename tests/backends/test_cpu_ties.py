@@ -146,8 +146,8 @@ def test_model_scope_threads_and_worked_example():
 @pytest.mark.parametrize("merge", ["dis-mean", "dis-sum"])
 def test_model_scope_one_dtype(dtype, merge):
     # Base, models and output of one dtype and up to 8 models take a fused per-element
-    # loop; 9 models, or another output dtype, the general pass. Both with plain and
-    # streamed stores, every clone and 1 or 2 threads.
+    # loop (ties_sign_sum too); 9 models, or another output dtype, the general pass.
+    # Both with plain and streamed stores, every clone and 1 or 2 threads.
     from pymerge import _C
 
     gen = torch.Generator().manual_seed(len(merge) + dtype.itemsize)
@@ -155,6 +155,13 @@ def test_model_scope_one_dtype(dtype, merge):
         base, ts = models(size, [dtype] * 9, gen, tiny=size > 7)
         th = thresholds_for(base, ts, 0.4)
         for n in (1, 2, 3, 4, 5, 8, 9):
+            # ties_sign_sum: the same integer from the fused loop, the general pass
+            # (an fp32 base, a lossless upcast) and the reference.
+            ref_sum = reference.ties_sign_sum(base, ts[:n], th[:n])
+            for threads in (1, 2):
+                cpu.set_num_threads(threads)
+                for b in (base, base.float()):
+                    assert set(each_isa(lambda: cpu.ties_sign_sum(b, ts[:n], th[:n]))) == {ref_sum}
             for fallback, out_dtype in ((1, None), (-1, None), (0, torch.float32)):
                 kw = dict(lam=0.7, merge=merge, out_dtype=out_dtype)
                 ref = reference.ties_merge_model(base, ts[:n], th[:n], fallback, **kw)
