@@ -48,10 +48,16 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import torch
+# torch's OpenMP workers spin for a few ms after each parallel region unless told to
+# wait passively, and on 2 cores a spinning worker takes a core from the next timed
+# call (CopyProbe's copy runs right before each round). Read when torch loads libgomp:
+# importing torch before this module leaves torch's own setting.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from pymerge import backends, ops
-from pymerge.ops import reference
+import torch  # noqa: E402
+
+from pymerge import backends, ops  # noqa: E402
+from pymerge.ops import reference  # noqa: E402
 
 MIB = 1 << 20
 DTYPE = torch.bfloat16
@@ -378,24 +384,20 @@ class CopyProbe:
     On a shared VM the bandwidth can halve for minutes and come back, so "% of copy"
     is taken against copies interleaved with the case's own rounds (one before each)
     rather than against one figure from the start of the run. The copy also evicts
-    the case's inputs from the cache, so every round reads them from memory. After
-    the copy it sleeps settle_s: torch's OpenMP workers spin for a few ms after a
-    parallel region, and on 2 cores a spinning worker takes one from the timed call.
+    the case's inputs from the cache, so every round reads them from memory.
     """
 
-    def __init__(self, nbytes: int = 256 * MIB, settle_s: float = 0.02):
+    def __init__(self, nbytes: int = 256 * MIB):
         self.src = torch.ones(nbytes // 2, dtype=torch.bfloat16)
         self.dst = torch.empty_like(self.src)
         self.dst.copy_(self.src)
         self.nbytes = 2 * nbytes  # read + written
-        self.settle_s = settle_s
         self.times: list[float] = []
 
     def __call__(self) -> None:
         t = time.perf_counter()
         self.dst.copy_(self.src)
         self.times.append(time.perf_counter() - t)
-        time.sleep(self.settle_s)
 
     def restart(self) -> None:
         """Forget the copies timed so far: a new case starts."""
