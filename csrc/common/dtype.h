@@ -156,6 +156,20 @@ inline bool dispatch_dtype(int tag, Fn&& fn) {
   }
 }
 
+// Calls fn(std::integral_constant<int, n>{}) for a runtime count n in [1, kMax]
+// (a kernel specialised for its number of models); n above kMax is taken as kMax.
+template <int kMax, int N = 1, class Fn>
+inline void dispatch_count(int64_t n, Fn&& fn) {
+  if constexpr (N >= kMax) {
+    fn(std::integral_constant<int, kMax>{});
+  } else {
+    if (n <= N)
+      fn(std::integral_constant<int, N>{});
+    else
+      dispatch_count<kMax, N + 1>(n, fn);
+  }
+}
+
 // Bulk conversions (used by tests and by kernels that stage whole buffers).
 inline void convert_to_f32(int tag, const void* src, float* dst, std::size_t n) {
   dispatch_dtype(tag, [&](auto t) {

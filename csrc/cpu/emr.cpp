@@ -151,7 +151,7 @@ inline double dispatch_tau(int tag, float* t, float* s, const float* b, const vo
 // w = |tau| with the sign bit set where the model agrees; the mask words and
 // both fp64 sums are made from w as elect_blocks makes them from its rows, so
 // every output has the same bits.
-constexpr int64_t kMaxFusedModels = 8;
+constexpr int kMaxFusedModels = 8;
 
 inline bool agrees(float w) { return (f32_to_bits(w) >> 31) != 0u; }
 
@@ -213,17 +213,9 @@ inline bool fused_elect(const ElectArgs& a, int64_t blk0, int64_t blk1) {
   for (int64_t i = 0; i < a.n_models; ++i)
     if (a.in_dtypes[i] != a.base_dtype) return false;
   dispatch_dtype(a.base_dtype, [&](auto tag) {
-    constexpr int T = decltype(tag)::value;
-    switch (a.n_models) {
-      case 1: return fused_elect_blocks<T, 1, kSignZero>(a, blk0, blk1);
-      case 2: return fused_elect_blocks<T, 2, kSignZero>(a, blk0, blk1);
-      case 3: return fused_elect_blocks<T, 3, kSignZero>(a, blk0, blk1);
-      case 4: return fused_elect_blocks<T, 4, kSignZero>(a, blk0, blk1);
-      case 5: return fused_elect_blocks<T, 5, kSignZero>(a, blk0, blk1);
-      case 6: return fused_elect_blocks<T, 6, kSignZero>(a, blk0, blk1);
-      case 7: return fused_elect_blocks<T, 7, kSignZero>(a, blk0, blk1);
-      default: return fused_elect_blocks<T, 8, kSignZero>(a, blk0, blk1);
-    }
+    dispatch_count<kMaxFusedModels>(a.n_models, [&](auto nm) {
+      fused_elect_blocks<decltype(tag)::value, decltype(nm)::value, kSignZero>(a, blk0, blk1);
+    });
   });
   return true;
 }
@@ -279,7 +271,8 @@ inline void elect_blocks(const ElectArgs& a, int64_t blk0, int64_t blk1) {
     // sum_p a_i |u_p|, with |u| = e wherever some model agrees.
     for (int64_t i = 0; i < N; ++i) {
       const float* __restrict m = tau + i * kBlock;
-      a.blk_u[blk * N + i] = lane_sum(np, [&](int64_t j) { return f32_from_bits(f32_to_bits(m[j]) & f32_to_bits(e[j])); });
+      a.blk_u[blk * N + i] =
+          lane_sum(np, [&](int64_t j) { return f32_from_bits(f32_to_bits(m[j]) & f32_to_bits(e[j])); });
     }
   }
 }

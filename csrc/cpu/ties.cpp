@@ -183,7 +183,7 @@ struct SignSumPass {
 // at most kMaxFusedModels models (the usual case): load, threshold, elect, merge
 // and round in one loop per element, with no per-model rows in between. The same
 // operations in the same order as MergePass with ThresholdRows and ModelCombine.
-constexpr int64_t kMaxFusedModels = 8;
+constexpr int kMaxFusedModels = 8;
 
 template <int T, int NM, bool kMean>
 struct ModelScopeFusedPass {
@@ -269,18 +269,8 @@ bool with_one_dtype(const Inputs& in, const Run& run) {
   if (in.n < 1 || in.n > kMaxFusedModels) return false;
   for (int64_t i = 0; i < in.n; ++i)
     if (in.dtypes[i] != in.base_dtype) return false;
-  dispatch_dtype(in.base_dtype, [&](auto tag) {
-    switch (in.n) {
-      case 1: return run(tag, std::integral_constant<int, 1>{});
-      case 2: return run(tag, std::integral_constant<int, 2>{});
-      case 3: return run(tag, std::integral_constant<int, 3>{});
-      case 4: return run(tag, std::integral_constant<int, 4>{});
-      case 5: return run(tag, std::integral_constant<int, 5>{});
-      case 6: return run(tag, std::integral_constant<int, 6>{});
-      case 7: return run(tag, std::integral_constant<int, 7>{});
-      default: return run(tag, std::integral_constant<int, 8>{});
-    }
-  });
+  dispatch_dtype(in.base_dtype,
+                 [&](auto tag) { dispatch_count<kMaxFusedModels>(in.n, [&](auto nm) { run(tag, nm); }); });
   return true;
 }
 
