@@ -1,4 +1,5 @@
-"""Fixtures of the op benchmarks: inputs per size, the copy bandwidth (measured once), the results table.
+"""Fixtures of the op benchmarks: inputs per size, the copy bandwidth (at the start, and the probe timed
+before each round), the results table.
 
 Only loaded when bench/ is collected explicitly (pyproject's testpaths is tests/):
 
