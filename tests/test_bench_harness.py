@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
 
 import benchlib  # noqa: E402
 import throughput  # noqa: E402
+
+# benchlib chooses torch's OpenMP wait policy for the benchmark scripts; the test
+# session (and the processes it starts) keep their own.
+if _WAIT_POLICY is None:
+    os.environ.pop("OMP_WAIT_POLICY", None)
 
 
 def test_copy_probe_runs_once_before_each_round():
