@@ -185,6 +185,30 @@ struct SignSumPass {
 // operations in the same order as MergePass with ThresholdRows and ModelCombine.
 constexpr int kMaxFusedModels = 8;
 
+// The thresholded task vectors of one element when base and models share one
+// dtype T: tau_hat_i = thresholded(f32(theta_i) - b, t_i), b = f32(theta_0).
+template <int T, int NM>
+struct OneDtypeThresholds {
+  using S = typename Dtype<T>::storage;
+  const S* __restrict base;
+  const S* __restrict m[NM];
+  float t[NM];
+
+  OneDtypeThresholds(const Inputs& in, const float* thresholds) : base(static_cast<const S*>(in.base)) {
+    for (int i = 0; i < NM; ++i) {
+      m[i] = static_cast<const S*>(in.models[i]);
+      t[i] = thresholds[i];
+    }
+  }
+
+  // th at element p; returns b.
+  float at(int64_t p, float (&th)[NM]) const {
+    const float b = Dtype<T>::load(base[p]);
+    for (int i = 0; i < NM; ++i) th[i] = thresholded(Dtype<T>::load(m[i][p]) - b, t[i]);
+    return b;
+  }
+};
+
 template <int T, int NM, bool kMean>
 struct ModelScopeFusedPass {
   using S = typename Dtype<T>::storage;
@@ -197,13 +221,7 @@ struct ModelScopeFusedPass {
   bool stream;
 
   void chunk(int64_t c) const {
-    const S* __restrict base = static_cast<const S*>(in->base);
-    const S* __restrict m[NM];
-    float ti[NM];
-    for (int i = 0; i < NM; ++i) {
-      m[i] = static_cast<const S*>(in->models[i]);
-      ti[i] = t[i];
-    }
+    const OneDtypeThresholds<T, NM> x(*in, t);
     S* const o = static_cast<S*>(out);
     alignas(64) S staged[kBlock];  // the rounded block, when streamed
     const int64_t begin = chunk_begin(in->numel, chunks, c), end = chunk_begin(in->numel, chunks, c + 1);
@@ -211,9 +229,8 @@ struct ModelScopeFusedPass {
       const int64_t n = std::min(kBlock, end - off);
       S* __restrict dst = stream ? staged : o + off;
       for (int64_t j = 0; j < n; ++j) {
-        const float b = Dtype<T>::load(base[off + j]);
         float th[NM];
-        for (int i = 0; i < NM; ++i) th[i] = thresholded(Dtype<T>::load(m[i][off + j]) - b, ti[i]);
+        const float b = x.at(off + j, th);
         dst[j] = Dtype<T>::store(b + model_scope_merged<NM, kMean>(th, fb_pos) * lam);
       }
 #ifdef PYMERGE_STREAM_STORES
@@ -231,29 +248,23 @@ struct ModelScopeFusedPass {
 // SignSumPass, without the block of partial sums.
 template <int T, int NM>
 struct SignSumFusedPass {
-  using S = typename Dtype<T>::storage;
   const Inputs* in;
   const float* t;
   int64_t chunks;
   int64_t* totals;
 
   void chunk(int64_t c) const {
-    const S* __restrict base = static_cast<const S*>(in->base);
-    const S* __restrict m[NM];
-    float ti[NM];
-    for (int i = 0; i < NM; ++i) {
-      m[i] = static_cast<const S*>(in->models[i]);
-      ti[i] = t[i];
-    }
+    const OneDtypeThresholds<T, NM> x(*in, t);
     int64_t total = 0;
     const int64_t begin = chunk_begin(in->numel, chunks, c), end = chunk_begin(in->numel, chunks, c + 1);
     for (int64_t off = begin; off < end; off += kBlock) {
       const int64_t n = std::min(kBlock, end - off);
       int32_t part = 0;  // |part| <= kBlock
       for (int64_t j = 0; j < n; ++j) {
-        const float b = Dtype<T>::load(base[off + j]);
+        float th[NM];
+        x.at(off + j, th);
         float sum = 0.0f;
-        for (int i = 0; i < NM; ++i) sum = sum + thresholded(Dtype<T>::load(m[i][off + j]) - b, ti[i]);
+        for (int i = 0; i < NM; ++i) sum = sum + th[i];
         part += int32_t(sum > 0.0f) - int32_t(sum < 0.0f);
       }
       total += part;
