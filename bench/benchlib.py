@@ -354,30 +354,6 @@ def time_call(fn: Callable[[], Any], rounds: int, probe: "CopyProbe | None" = No
 # Machine
 
 
-def copy_bandwidth(nbytes: int = 256 * MIB, reps: int = 10) -> dict[str, float]:
-    """Bytes read + written per second of a torch copy of an nbytes buffer (median of reps).
-
-    "copy_gbs": into a preallocated destination (the bound used for "% of copy");
-    "alloc_copy_gbs": torch.empty_like(x).copy_(x), which also pays the page faults
-    of a fresh output, as every op in the suite does.
-    """
-    src = torch.ones(nbytes // 2, dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-
-    def med(fn) -> float:
-        times = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return statistics.median(times)
-
-    t_copy = med(lambda: dst.copy_(src))
-    t_alloc = med(lambda: torch.empty_like(src).copy_(src))
-    return {"bytes": 2 * nbytes, "copy_gbs": 2 * nbytes / t_copy / 1e9, "alloc_copy_gbs": 2 * nbytes / t_alloc / 1e9}
-
-
 class CopyProbe:
     """The copy bandwidth while one case runs: each call times one dst.copy_(src) of an nbytes bf16 buffer.
 
@@ -408,6 +384,20 @@ class CopyProbe:
         if not self.times:
             raise RuntimeError("CopyProbe.gbs: no copy timed since the last restart")
         return self.nbytes / statistics.median(self.times) / 1e9
+
+
+def copy_bandwidth(nbytes: int = 256 * MIB, reps: int = 10) -> dict[str, float]:
+    """Bytes read + written per second of a torch copy of an nbytes buffer (median of reps).
+
+    "copy_gbs": into a preallocated destination (CopyProbe's copy);
+    "alloc_copy_gbs": torch.empty_like(x).copy_(x), which also pays the page faults
+    of a fresh output, as every op in the suite does.
+    """
+    probe = CopyProbe(nbytes)
+    for _ in range(reps):
+        probe()
+    t_alloc = time_call(lambda: torch.empty_like(probe.src).copy_(probe.src), reps)
+    return {"bytes": probe.nbytes, "copy_gbs": probe.gbs(), "alloc_copy_gbs": probe.nbytes / t_alloc / 1e9}
 
 
 def command_line(argv: list[str]) -> str:
