@@ -13,9 +13,9 @@
 // (with one dtype and up to 8 models, one loop per element; fused_elect_blocks).
 //
 // The fp64 sums (sum |tau_i| and sum a_i |u|) are made independent of the
-// thread count and of the instruction set: each block is summed in kLanes
-// fixed lanes combined by a fixed tree, and the per-block sums are added in
-// block order with Neumaier compensation on the calling thread.
+// thread count and of the instruction set (common/sums.h): each block is
+// summed in fixed lanes, and the per-block sums are added in block order on
+// the calling thread.
 //
 // emr_reconstruct: out = f32(theta_0) + (M ? f32(lam) * f32(u) : +0), two
 // rounded fp32 ops (-ffp-contract=off), one rounding to the output dtype.
@@ -30,6 +30,7 @@
 
 #include "common/dtype.h"
 #include "common/parallel.h"
+#include "common/sums.h"
 #include "common/stream.h"
 #include "cpu/bindings.h"
 #include "cpu/isa.h"
@@ -55,8 +56,7 @@ namespace {
 // Multiple of 32, so blocks (and therefore thread ranges) never share a mask word.
 constexpr int64_t kBlock = 1024;
 constexpr int64_t kGrainBlocks = 64;  // >= 64K elements per thread (per piece in reconstruct)
-constexpr int kLanes = 16;  // fp64 lanes of the sums: two AVX-512 (four AVX2) accumulators, not one serial chain
-static_assert(kBlock % 32 == 0 && 32 % kLanes == 0, "block layout");
+static_assert(kBlock % 32 == 0 && 32 % kSumLanes == 0, "block layout");
 
 template <int T>
 inline void load_f32(float* __restrict dst, const void* src, int64_t off, int64_t n) {
@@ -77,31 +77,6 @@ inline void store_any(int tag, void* dst, int64_t off, const float* __restrict s
 }
 
 inline float select_f32(bool c, float a, float b) { return f32_from_bits(select_u32(c, f32_to_bits(a), f32_to_bits(b))); }
-
-// sum_j value(j) over j < np (a multiple of kLanes) in kLanes fixed lanes, then
-// the lanes halved in a fixed tree: the same order in every clone.
-template <class Value>
-inline double lane_sum(int64_t np, const Value& value) {
-  double l[kLanes] = {};
-  for (int64_t j = 0; j < np; j += kLanes)
-    for (int k = 0; k < kLanes; ++k) l[k] += double(value(j + k));
-  for (int w = kLanes / 2; w >= 1; w /= 2)
-    for (int k = 0; k < w; ++k) l[k] = l[k] + l[k + w];
-  return l[0];
-}
-
-// Neumaier-compensated sum of v[0], v[stride], ... in order; a non-finite
-// running sum is returned as it is (the compensation would turn inf into NaN).
-inline double ordered_sum(const double* v, int64_t count, int64_t stride) {
-  double s = 0.0, c = 0.0;
-  for (int64_t k = 0; k < count; ++k) {
-    const double x = v[k * stride];
-    const double t = s + x;
-    c += std::fabs(s) >= std::fabs(x) ? (s - t) + x : (x - t) + s;
-    s = t;
-  }
-  return std::isfinite(s) ? s + c : s;
-}
 
 struct ElectArgs {
   const void* base;

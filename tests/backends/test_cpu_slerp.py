@@ -76,19 +76,37 @@ def test_branches_and_degenerate_rows():
     assert ca[0].item() == ca[1].item() == ca[2].item() == 0.75  # the lerp branch was taken
 
 
-def test_every_row_coefficient_matches():
-    # Many rows on the slerp branch: the kernel's fp64 sums differ from torch's
-    # in the last bits for many rows, yet the fp32 coefficients agree.
-    gen = torch.Generator().manual_seed(3)
-    a, b = pair((4000, 300), (torch.float32, torch.float32), gen)
-    stats = torch.empty((3, 4000), dtype=torch.float64)
-    from pymerge import _C
+ROW_MAX = 8 * SEG  # kernel: wider rows take two passes over the memory
 
-    _C.slerp_row_stats(a.data_ptr(), 0, b.data_ptr(), 0, 4000, 300, stats.data_ptr())
+
+@pytest.mark.parametrize("cols", [300, ROW_MAX, ROW_MAX + 1], ids=str)
+def test_every_row_coefficient_matches(cols):
+    # Many rows on the slerp branch: the kernel's fp64 sums and its acos/sin
+    # differ from torch's in the last bits for many rows, yet the fp32
+    # coefficients agree, on the one-pass and the two-pass path alike.
+    gen = torch.Generator().manual_seed(cols)
+    rows = 1_200_000 // cols
+    a, b = pair((rows, cols), (torch.float32, torch.float32), gen)
     for t in (0.2, 0.5, 0.8):
-        ca, cb = cpu_slerp._coefficients(stats, t)
+        ca, cb = cpu_slerp.slerp_coefficients(a, b, t)
         rca, rcb = slerp_coefficients(a, b, t)
         assert torch.equal(ca, rca) and torch.equal(cb, rcb)
+
+
+def test_rows_around_the_one_pass_limit():
+    # Just below and at ROW_MAX: one pass per row; above: the two-pass path.
+    gen = torch.Generator().manual_seed(11)
+    for cols in (ROW_MAX - 3, ROW_MAX, ROW_MAX + 3, 2 * ROW_MAX + SEG // 2):
+        a, b = pair((3, cols), (torch.bfloat16, torch.float32), gen)
+        for t in (0.1, 0.7):
+            check(a, b, t)
+            check(a, b, t, out_dtype=torch.float16)
+
+
+def test_coefficients_of_empty_rows():
+    ca, cb = cpu_slerp.slerp_coefficients(torch.ones(3, 0), torch.ones(3, 0), 0.25)
+    rca, rcb = slerp_coefficients(torch.ones(3, 0), torch.ones(3, 0), 0.25)
+    assert torch.equal(ca, rca) and torch.equal(cb, rcb)
 
 
 @pytest.mark.parametrize("shape", [(3 * SEG * 40 + 17,), (70, 3 * SEG + 1), (5000, 40)], ids=str)
@@ -164,13 +182,7 @@ if given is not None:
         from pymerge.ops.reference.slerp import _rows
 
         rows, cols = _rows(a.shape)
-        stats = torch.empty((3, rows), dtype=torch.float64)
-        ac, bc = a.contiguous(), b.contiguous()
-        from pymerge import _C
-
-        _C.slerp_row_stats(ac.data_ptr(), cpu_slerp.DTYPE_TAGS[a_dtype], bc.data_ptr(), cpu_slerp.DTYPE_TAGS[b_dtype],
-                           rows, cols, stats.data_ptr())
-        ca, cb = cpu_slerp._coefficients(stats, t)
+        ca, cb = cpu_slerp.slerp_coefficients(a, b, t)
         rca, rcb = slerp_coefficients(a, b, t)
         same = (ca == rca) & (cb == rcb)
         for c, r in ((ca, rca), (cb, rcb)):
