@@ -142,7 +142,7 @@ inline void rows_in_one_pass(const Args& a, int64_t r0, int64_t r1) {
       segment_sums(x + s * kSeg, y + s * kSeg, std::min(kSeg, cols - s * kSeg), sums + 3 * s);
     float ca, cb;
     row_coefficients(ordered_sum(sums, spr, 3), ordered_sum(sums + 1, spr, 3), ordered_sum(sums + 2, spr, 3), a.t,
-                 &ca, &cb);
+                     &ca, &cb);
     if (a.ca) {
       a.ca[r] = ca;
       a.cb[r] = cb;
@@ -231,7 +231,7 @@ void run(Args a, bool only_coefficients) {
   for (int64_t r = 0; r < a.rows; ++r) {
     const double* s = a.seg_sums + r * a.segs_per_row * 3;
     row_coefficients(ordered_sum(s, a.segs_per_row, 3), ordered_sum(s + 1, a.segs_per_row, 3),
-                 ordered_sum(s + 2, a.segs_per_row, 3), a.t, &a.ca[r], &a.cb[r]);
+                     ordered_sum(s + 2, a.segs_per_row, 3), a.t, &a.ca[r], &a.cb[r]);
   }
   if (!only_coefficients) parallel_for(n_seg, grain, [&](int64_t s0, int64_t s1) { k.combine(a, s0, s1); });
 }
