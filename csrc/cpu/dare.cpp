@@ -53,50 +53,14 @@ void masks_generic(uint32_t* __restrict mask, uint64_t start, int64_t n, philox:
 }
 
 #ifdef PYMERGE_SPARSE_X86_CLONES
-// Philox on 8 (AVX2) or 16 (AVX-512) counters at once. The counter words c1..c3
-// are the same for every lane (c2 = c3 = 0, c1 = the high index word), so
-// round 1 needs one product and round 2's first product is a scalar; the last
-// round computes word 0 only. Integer arithmetic: the same bits as the
-// portable code.
-
-#define PYMERGE_AVX2 __attribute__((target("avx2"), always_inline)) inline
-
-PYMERGE_AVX2 void mulhilo8(__m256i x, __m256i m, __m256i& hi, __m256i& lo) {
-  const __m256i pe = _mm256_mul_epu32(x, m);                         // lanes 0, 2, 4, 6
-  const __m256i po = _mm256_mul_epu32(_mm256_srli_epi64(x, 32), m);  // lanes 1, 3, 5, 7
-  hi = _mm256_blend_epi32(_mm256_srli_epi64(pe, 32), po, 0xAA);
-  lo = _mm256_blend_epi32(pe, _mm256_slli_epi64(po, 32), 0xAA);
-}
-
-PYMERGE_AVX2 __m256i mulhi8(__m256i x, __m256i m) {
-  const __m256i pe = _mm256_mul_epu32(x, m);
-  const __m256i po = _mm256_mul_epu32(_mm256_srli_epi64(x, 32), m);
-  return _mm256_blend_epi32(_mm256_srli_epi64(pe, 32), po, 0xAA);
-}
-
-PYMERGE_AVX2 __m256i set8(uint32_t v) { return _mm256_set1_epi32(int(v)); }
-
-// gcc 12's AVX-512 headers trip -Wmaybe-uninitialized on their own
-// _mm512_undefined_* placeholders (a false positive).
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-
-#define PYMERGE_AVX512 __attribute__((target("avx512f"), always_inline)) inline
-
-PYMERGE_AVX512 void mulhilo16(__m512i x, __m512i m, __m512i& hi, __m512i& lo) {
-  const __m512i pe = _mm512_mul_epu32(x, m);
-  const __m512i po = _mm512_mul_epu32(_mm512_srli_epi64(x, 32), m);
-  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(pe, 32), po);
-  lo = _mm512_mask_blend_epi32(0xAAAA, pe, _mm512_slli_epi64(po, 32));
-}
-
-PYMERGE_AVX512 __m512i mulhi16(__m512i x, __m512i m) {
-  const __m512i pe = _mm512_mul_epu32(x, m);
-  const __m512i po = _mm512_mul_epu32(_mm512_srli_epi64(x, 32), m);
-  return _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(pe, 32), po);
-}
-
-PYMERGE_AVX512 __m512i set16(uint32_t v) { return _mm512_set1_epi32(int(v)); }
+// Philox on 8 (AVX2) or 16 (AVX-512) counters at once, one counter per 64-bit
+// lane: vpmuludq multiplies the low 32 bits of each lane into a full 64-bit
+// product, so hi = p >> 32 and lo = p itself (its high half is never read:
+// products use only low halves, and the result is taken from low halves). The
+// counter words c1..c3 are the same for every lane (c2 = c3 = 0, c1 = the high
+// index word), so round 1 needs one product and round 2's first product is a
+// scalar; the last round computes word 0 only. Integer arithmetic: the same
+// bits as the portable code.
 
 // Round keys and the lane-independent values of rounds 1-2.
 struct PhiloxConsts {
@@ -112,39 +76,88 @@ struct PhiloxConsts {
   }
 };
 
+#define PYMERGE_AVX2 __attribute__((target("avx2"), always_inline)) inline
+
+PYMERGE_AVX2 __m256i set4(uint32_t v) { return _mm256_set1_epi64x(int64_t(v)); }
+PYMERGE_AVX2 __m256i hi4(__m256i p) { return _mm256_srli_epi64(p, 32); }
+PYMERGE_AVX2 __m256i xor3_4(__m256i a, __m256i b, __m256i c) { return _mm256_xor_si256(_mm256_xor_si256(a, b), c); }
+
+// Word 0 for the counters (c0 in the low half of each lane, hi, 0, 0).
+PYMERGE_AVX2 __m256i word0_x4(__m256i c0, const PhiloxConsts& k) {
+  const __m256i m0 = set4(philox::kM0), m1 = set4(philox::kM1);
+  // round 1 (x1 = hi, x2 = x3 = 0): x = (hi ^ k0, 0, hi(M0 c0) ^ k1, lo(M0 c0))
+  __m256i p0 = _mm256_mul_epu32(c0, m0);
+  __m256i x2 = _mm256_xor_si256(hi4(p0), set4(k.k1[0]));
+  __m256i x3 = p0;
+  // round 2: x0 = hi ^ k0[0] in every lane, x1 = 0
+  __m256i p1 = _mm256_mul_epu32(x2, m1);
+  __m256i x0 = _mm256_xor_si256(hi4(p1), set4(k.k0[1]));
+  __m256i x1 = p1;
+  x2 = xor3_4(set4(k.r2_hi0), x3, set4(k.k1[1]));
+  x3 = set4(k.r2_lo0);
+  for (int r = 2; r < philox::kRounds - 1; ++r) {
+    p0 = _mm256_mul_epu32(x0, m0);
+    p1 = _mm256_mul_epu32(x2, m1);
+    x0 = xor3_4(hi4(p1), x1, set4(k.k0[r]));
+    x1 = p1;
+    x2 = xor3_4(hi4(p0), x3, set4(k.k1[r]));
+    x3 = p0;
+  }
+  return xor3_4(hi4(_mm256_mul_epu32(x2, m1)), x1, set4(k.k0[philox::kRounds - 1]));
+}
+
+// gcc 12's AVX-512 headers trip -Wmaybe-uninitialized on their own
+// _mm512_undefined_* placeholders (a false positive).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+#define PYMERGE_AVX512 __attribute__((target("avx512f"), always_inline)) inline
+
+PYMERGE_AVX512 __m512i set8(uint32_t v) { return _mm512_set1_epi64(int64_t(v)); }
+PYMERGE_AVX512 __m512i hi8(__m512i p) { return _mm512_srli_epi64(p, 32); }
+PYMERGE_AVX512 __m512i xor3_8(__m512i a, __m512i b, __m512i c) { return _mm512_ternarylogic_epi64(a, b, c, 0x96); }
+
+// word0_x4 on 8 lanes, with the three-way xor in one instruction.
+PYMERGE_AVX512 __m512i word0_x8(__m512i c0, const PhiloxConsts& k) {
+  const __m512i m0 = set8(philox::kM0), m1 = set8(philox::kM1);
+  __m512i p0 = _mm512_mul_epu32(c0, m0);
+  __m512i x2 = _mm512_xor_si512(hi8(p0), set8(k.k1[0]));
+  __m512i x3 = p0;
+  __m512i p1 = _mm512_mul_epu32(x2, m1);
+  __m512i x0 = _mm512_xor_si512(hi8(p1), set8(k.k0[1]));
+  __m512i x1 = p1;
+  x2 = xor3_8(set8(k.r2_hi0), x3, set8(k.k1[1]));
+  x3 = set8(k.r2_lo0);
+  for (int r = 2; r < philox::kRounds - 1; ++r) {
+    p0 = _mm512_mul_epu32(x0, m0);
+    p1 = _mm512_mul_epu32(x2, m1);
+    x0 = xor3_8(hi8(p1), x1, set8(k.k0[r]));
+    x1 = p1;
+    x2 = xor3_8(hi8(p0), x3, set8(k.k1[r]));
+    x3 = p0;
+  }
+  return xor3_8(hi8(_mm512_mul_epu32(x2, m1)), x1, set8(k.k0[philox::kRounds - 1]));
+}
+
+// Each step takes two vectors of counters, a = j + {0, 1, 4, 5, ...} and
+// b = j + {2, 3, 6, 7, ...}, so that one shuffle_ps (low halves: a0 a1 b0 b1 per
+// 128 bits) puts their words back in counter order.
+
 __attribute__((target("avx2"))) void masks_avx2(uint32_t* mask, uint64_t start, int64_t n, philox::Key key,
                                                float density) {
   const uint32_t lo = uint32_t(start), hi = uint32_t(start >> 32);
   int64_t j = 0;
   if (uint64_t(lo) + uint64_t(n) <= (uint64_t(1) << 32)) {
     const PhiloxConsts k(key, hi);
-    const __m256i m0 = set8(philox::kM0), m1 = set8(philox::kM1);
-    const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i ia = _mm256_setr_epi64x(0, 1, 4, 5), ib = _mm256_setr_epi64x(2, 3, 6, 7);
     const __m256 dens = _mm256_set1_ps(density), scale = _mm256_set1_ps(0x1.0p-24f);
     for (; j + 8 <= n; j += 8) {
-      const __m256i c0 = _mm256_add_epi32(set8(lo + uint32_t(j)), iota);
-      __m256i hi0, lo0, hi1, lo1;
-      // round 1 (x1 = hi, x2 = x3 = 0): x = (hi ^ k0, 0, hi(M0 c0) ^ k1, lo(M0 c0))
-      mulhilo8(c0, m0, hi0, lo0);
-      __m256i x2 = _mm256_xor_si256(hi0, set8(k.k1[0]));
-      __m256i x3 = lo0;
-      // round 2: x0 = hi ^ k0[0] in every lane, x1 = 0
-      mulhilo8(x2, m1, hi1, lo1);
-      __m256i x0 = _mm256_xor_si256(hi1, set8(k.k0[1]));
-      __m256i x1 = lo1;
-      x2 = _mm256_xor_si256(_mm256_xor_si256(set8(k.r2_hi0), x3), set8(k.k1[1]));
-      x3 = set8(k.r2_lo0);
-      for (int r = 2; r < philox::kRounds - 1; ++r) {
-        mulhilo8(x0, m0, hi0, lo0);
-        mulhilo8(x2, m1, hi1, lo1);
-        x0 = _mm256_xor_si256(_mm256_xor_si256(hi1, x1), set8(k.k0[r]));
-        x1 = lo1;
-        x2 = _mm256_xor_si256(_mm256_xor_si256(hi0, x3), set8(k.k1[r]));
-        x3 = lo0;
-      }
-      x0 = _mm256_xor_si256(_mm256_xor_si256(mulhi8(x2, m1), x1), set8(k.k0[philox::kRounds - 1]));
-      // u = (x0 >> 8) * 2^-24, exact; keep = u < density
-      const __m256 u = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(x0, 8)), scale);
+      const __m256i c = set4(lo + uint32_t(j));
+      const __m256 a = _mm256_castsi256_ps(word0_x4(_mm256_add_epi64(c, ia), k));
+      const __m256 b = _mm256_castsi256_ps(word0_x4(_mm256_add_epi64(c, ib), k));
+      const __m256i w0 = _mm256_castps_si256(_mm256_shuffle_ps(a, b, 0x88));
+      // u = (w0 >> 8) * 2^-24, exact; keep = u < density
+      const __m256 u = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(w0, 8)), scale);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(mask + j),
                           _mm256_castps_si256(_mm256_cmp_ps(u, dens, _CMP_LT_OQ)));
     }
@@ -158,31 +171,15 @@ __attribute__((target("avx512f"))) void masks_avx512(uint32_t* mask, uint64_t st
   int64_t j = 0;
   if (uint64_t(lo) + uint64_t(n) <= (uint64_t(1) << 32)) {
     const PhiloxConsts k(key, hi);
-    const __m512i m0 = set16(philox::kM0), m1 = set16(philox::kM1);
-    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i ia = _mm512_setr_epi64(0, 1, 4, 5, 8, 9, 12, 13), ib = _mm512_setr_epi64(2, 3, 6, 7, 10, 11, 14, 15);
     const __m512 dens = _mm512_set1_ps(density), scale = _mm512_set1_ps(0x1.0p-24f);
-    const __m512i ones = set16(~0u);
+    const __m512i ones = _mm512_set1_epi32(-1);
     for (; j + 16 <= n; j += 16) {
-      const __m512i c0 = _mm512_add_epi32(set16(lo + uint32_t(j)), iota);
-      __m512i hi0, lo0, hi1, lo1;
-      mulhilo16(c0, m0, hi0, lo0);
-      __m512i x2 = _mm512_xor_si512(hi0, set16(k.k1[0]));
-      __m512i x3 = lo0;
-      mulhilo16(x2, m1, hi1, lo1);
-      __m512i x0 = _mm512_xor_si512(hi1, set16(k.k0[1]));
-      __m512i x1 = lo1;
-      x2 = _mm512_xor_si512(_mm512_xor_si512(set16(k.r2_hi0), x3), set16(k.k1[1]));
-      x3 = set16(k.r2_lo0);
-      for (int r = 2; r < philox::kRounds - 1; ++r) {
-        mulhilo16(x0, m0, hi0, lo0);
-        mulhilo16(x2, m1, hi1, lo1);
-        x0 = _mm512_xor_si512(_mm512_xor_si512(hi1, x1), set16(k.k0[r]));
-        x1 = lo1;
-        x2 = _mm512_xor_si512(_mm512_xor_si512(hi0, x3), set16(k.k1[r]));
-        x3 = lo0;
-      }
-      x0 = _mm512_xor_si512(_mm512_xor_si512(mulhi16(x2, m1), x1), set16(k.k0[philox::kRounds - 1]));
-      const __m512 u = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(x0, 8)), scale);
+      const __m512i c = set8(lo + uint32_t(j));
+      const __m512 a = _mm512_castsi512_ps(word0_x8(_mm512_add_epi64(c, ia), k));
+      const __m512 b = _mm512_castsi512_ps(word0_x8(_mm512_add_epi64(c, ib), k));
+      const __m512i w0 = _mm512_castps_si512(_mm512_shuffle_ps(a, b, 0x88));
+      const __m512 u = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(w0, 8)), scale);
       const __mmask16 keep = _mm512_cmp_ps_mask(u, dens, _CMP_LT_OQ);
       _mm512_storeu_si512(mask + j, _mm512_maskz_mov_epi32(keep, ones));
     }
