@@ -170,6 +170,17 @@ inline void dispatch_count(int64_t n, Fn&& fn) {
   }
 }
 
+// Kernels specialised for one dtype and their number of models: calls
+// fn(dtype tag, model count), both as integral_constants, when all n dtypes
+// equal `tag` and 1 <= n <= kMax; returns false (calling nothing) otherwise.
+template <int kMax, class Fn>
+inline bool dispatch_one_dtype(int tag, const int* dtypes, int64_t n, Fn&& fn) {
+  if (n < 1 || n > kMax) return false;
+  for (int64_t i = 0; i < n; ++i)
+    if (dtypes[i] != tag) return false;
+  return dispatch_dtype(tag, [&](auto t) { dispatch_count<kMax>(n, [&](auto nm) { fn(t, nm); }); });
+}
+
 // Bulk conversions (used by tests and by kernels that stage whole buffers).
 inline void convert_to_f32(int tag, const void* src, float* dst, std::size_t n) {
   dispatch_dtype(tag, [&](auto t) {

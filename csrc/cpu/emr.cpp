@@ -184,15 +184,10 @@ void fused_elect_blocks(const ElectArgs& a, int64_t blk0, int64_t blk1) {
 // Runs fused_elect_blocks where it applies; false otherwise.
 template <bool kSignZero>
 inline bool fused_elect(const ElectArgs& a, int64_t blk0, int64_t blk1) {
-  if (a.n_models < 1 || a.n_models > kMaxFusedModels || a.u_dtype != a.base_dtype) return false;
-  for (int64_t i = 0; i < a.n_models; ++i)
-    if (a.in_dtypes[i] != a.base_dtype) return false;
-  dispatch_dtype(a.base_dtype, [&](auto tag) {
-    dispatch_count<kMaxFusedModels>(a.n_models, [&](auto nm) {
-      fused_elect_blocks<decltype(tag)::value, decltype(nm)::value, kSignZero>(a, blk0, blk1);
-    });
+  if (a.u_dtype != a.base_dtype) return false;
+  return dispatch_one_dtype<kMaxFusedModels>(a.base_dtype, a.in_dtypes, a.n_models, [&](auto tag, auto nm) {
+    fused_elect_blocks<decltype(tag)::value, decltype(nm)::value, kSignZero>(a, blk0, blk1);
   });
-  return true;
 }
 
 template <bool kSignZero>

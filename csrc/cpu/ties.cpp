@@ -273,16 +273,11 @@ struct SignSumFusedPass {
   }
 };
 
-// Calls run(dtype tag, model count as an integral_constant) when base and models
-// share one dtype and there are 1 to kMaxFusedModels models; false otherwise.
+// Calls run(dtype tag, model count) when base and models share one dtype and
+// there are 1 to kMaxFusedModels models; false otherwise.
 template <class Run>
 bool with_one_dtype(const Inputs& in, const Run& run) {
-  if (in.n < 1 || in.n > kMaxFusedModels) return false;
-  for (int64_t i = 0; i < in.n; ++i)
-    if (in.dtypes[i] != in.base_dtype) return false;
-  dispatch_dtype(in.base_dtype,
-                 [&](auto tag) { dispatch_count<kMaxFusedModels>(in.n, [&](auto nm) { run(tag, nm); }); });
-  return true;
+  return dispatch_one_dtype<kMaxFusedModels>(in.base_dtype, in.dtypes, in.n, run);
 }
 
 // Runs ModelScopeFusedPass where it applies; false otherwise.
