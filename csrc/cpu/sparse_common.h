@@ -153,16 +153,16 @@ void run_chunks(const Pass& p, int64_t chunks) {
 // of a block: the hardware prefetcher does not keep up with N + 1 interleaved
 // streams. A macro, not a function: gcc takes a function of prefetches alone
 // for one without effects and drops its calls.
-#define PYMERGE_PREFETCH_NEXT_BLOCK(inputs, off, end)                                               \
-  do {                                                                                              \
-    const int64_t next_ = (off) + kBlock, n_next_ = std::min(kBlock, (end) - next_);                \
-    for (int64_t i_ = -1; n_next_ > 0 && i_ < (inputs).n; ++i_) {                                   \
-      const int size_ = dtype_size(i_ < 0 ? (inputs).base_dtype : (inputs).dtypes[i_]);             \
-      const char* p_ = static_cast<const char*>(i_ < 0 ? (inputs).base : (inputs).models[i_]) + next_ * size_; \
-      for (int64_t b_ = 0; b_ < n_next_ * size_; b_ += 64) __builtin_prefetch(p_ + b_, 0, 1);     \
-    }                                                                                               \
+#define PYMERGE_PREFETCH_NEXT_BLOCK(inputs, off, end)                                          \
+  do {                                                                                         \
+    const int64_t next_ = (off) + kBlock, n_next_ = std::min(kBlock, (end) - next_);           \
+    for (int64_t i_ = -1; n_next_ > 0 && i_ < (inputs).n; ++i_) {                              \
+      const int size_ = dtype_size(i_ < 0 ? (inputs).base_dtype : (inputs).dtypes[i_]);        \
+      const char* p_ = static_cast<const char*>(i_ < 0 ? (inputs).base : (inputs).models[i_]); \
+      p_ += next_ * size_;                                                                     \
+      for (int64_t b_ = 0; b_ < n_next_ * size_; b_ += 64) __builtin_prefetch(p_ + b_, 0, 1);  \
+    }                                                                                          \
   } while (0)
-
 
 template <int T>
 inline void load_t(float* __restrict dst, const void* src, int64_t off, int64_t n) {
@@ -554,6 +554,17 @@ __attribute__((target("avx512f,popcnt"), noinline)) inline int64_t compact_windo
 #pragma GCC diagnostic pop
 #endif
 
+using CompactFn = int64_t (*)(const int32_t* k32, int64_t n, Window w, uint32_t* dst, int64_t u);
+
+// The widest compaction clone for the kernel level (cpu/isa.h).
+inline CompactFn compact_window_fn() {
+#ifdef PYMERGE_SPARSE_X86_CLONES
+  if (use_avx512()) return compact_window_avx512;
+  if (use_avx2()) return compact_window_avx2;
+#endif
+  return compact_window;
+}
+
 // Per chunk and request: keys < lo, <= lo, < mid, <= mid, < hi, <= hi.
 constexpr int kWinCounts = 6;
 
@@ -576,9 +587,7 @@ struct WindowPass {
     const int64_t begin = chunk_begin(in->numel, chunks, c), end = chunk_begin(in->numel, chunks, c + 1);
     const int64_t cap = cand_cap[c];
     int64_t* cnt = counts + c * n_req * kWinCounts;
-    const bool avx2 = use_avx2(), avx512 = use_avx512();
-    (void)avx2;
-    (void)avx512;
+    const CompactFn compact = compact_window_fn();
     for (int64_t off = begin; off < end; off += kBlock) {
       const int64_t n = std::min(kBlock, end - off);
       PYMERGE_PREFETCH_NEXT_BLOCK(*in, off, end);
@@ -615,19 +624,7 @@ struct WindowPass {
             used = -1;
             continue;
           }
-          uint32_t* __restrict dst = (*cand)[size_t(c * n_req + r)].get();
-#ifdef PYMERGE_SPARSE_X86_CLONES
-          if (avx512) {
-            used = compact_window_avx512(k32, n, w, dst, used);
-            continue;
-          }
-          if (avx2) {
-            used = compact_window_avx2(k32, n, w, dst, used);
-            continue;
-          }
-#endif
-          const int64_t u = compact_window(k32, n, w, dst, used);
-          used = u;
+          used = compact(k32, n, w, (*cand)[size_t(c * n_req + r)].get(), used);
         }
       }
     }
